@@ -1,0 +1,320 @@
+"""The event bus: typed Kafka producer and consumer over kafka-python.
+
+Record values are the protobuf messages of ``rlhf.v1.events`` (one type per topic, see
+``rlhf.topics``); keys are UTF-8 strings. The producer is idempotent with ``acks=all``: a
+send that was acked is on the broker exactly once. Consumers never auto-commit; the caller
+commits once what it read is safely used (the trainer: after a checkpoint is published).
+A record that does not parse as its topic's type, or has no ``event_id``, goes to the
+topic's dead-letter topic (``<topic>.dlq``) with the reason in its headers, and consumption
+goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf.message import DecodeError, Message
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import NewTopic
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.producer.future import FutureRecordMetadata, RecordMetadata
+from kafka.structs import OffsetAndMetadata
+from prometheus_client import CollectorRegistry, Counter
+
+from rlhf.topics import ALL, Topic, dead_letter
+
+log = logging.getLogger(__name__)
+
+# (topic name, partition) -> offset of the next record to read.
+Offsets = Mapping[tuple[str, int], int]
+
+
+class PublishError(RuntimeError):
+    """A record was not acknowledged by Kafka in time; it may be retried."""
+
+
+@dataclass(frozen=True)
+class Record:
+    topic: str
+    partition: int
+    offset: int
+    key: str | None
+    value: Message
+    timestamp_ms: int
+
+
+class _BusMetrics:
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        registry = registry if registry is not None else CollectorRegistry()
+        self.produced = Counter(
+            "rlhf_bus_records_produced_total",
+            "Records acked by Kafka",
+            ["topic"],
+            registry=registry,
+        )
+        self.produce_errors = Counter(
+            "rlhf_bus_produce_errors_total",
+            "Records Kafka did not ack",
+            ["topic"],
+            registry=registry,
+        )
+        self.consumed = Counter(
+            "rlhf_bus_records_consumed_total",
+            "Records read and parsed",
+            ["topic"],
+            registry=registry,
+        )
+        self.dead_letters = Counter(
+            "rlhf_bus_dead_letters_total",
+            "Unparseable records sent to the dead-letter topic",
+            ["topic"],
+            registry=registry,
+        )
+
+
+class Producer:
+    """Idempotent, ``acks=all`` producer of protobuf records.
+
+    The constructor does not need the broker to be up: connection and retries happen in the
+    background. ``send`` blocks for at most ``max_block_ms`` (5 s) when the topic's metadata is
+    not known yet, and its future fails once ``delivery_timeout_ms`` passed without an ack.
+    """
+
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        *,
+        client_id: str,
+        registry: CollectorRegistry | None = None,
+        **overrides: Any,
+    ) -> None:
+        config: dict[str, Any] = {
+            "bootstrap_servers": bootstrap_servers.split(","),
+            "client_id": client_id,
+            "acks": "all",
+            "enable_idempotence": True,
+            "linger_ms": 2,
+            "request_timeout_ms": 10_000,
+            "delivery_timeout_ms": 30_000,
+            "max_block_ms": 5_000,
+            # Skips the blocking version probe at start-up so a producer can be built while
+            # Kafka is down (the servers must start and serve without it).
+            "api_version": (4, 0),
+        }
+        config.update(overrides)
+        self._producer = KafkaProducer(**config)
+        self._metrics = _BusMetrics(registry)
+
+    def send(self, topic: Topic, record: Message, *, key: str) -> FutureRecordMetadata:
+        """Queues ``record``; the returned future resolves once Kafka acked it."""
+        if not isinstance(record, topic.record):
+            raise TypeError(
+                f"{topic.name} takes {topic.record.__name__}, not {type(record).__name__}"
+            )
+        future = self._producer.send(topic.name, value=record.SerializeToString(), key=key.encode())
+        future.add_callback(lambda _md: self._metrics.produced.labels(topic.name).inc())
+        future.add_errback(lambda _exc: self._metrics.produce_errors.labels(topic.name).inc())
+        return future
+
+    def send_sync(
+        self, topic: Topic, record: Message, *, key: str, timeout_s: float = 10.0
+    ) -> RecordMetadata:
+        """Sends and waits for the ack; raises PublishError when Kafka did not ack in time."""
+        try:
+            return self.send(topic, record, key=key).get(timeout=timeout_s)
+        except KafkaError as exc:
+            raise PublishError(f"{topic.name}: not acked: {exc}") from exc
+
+    def send_raw(
+        self,
+        topic_name: str,
+        value: bytes | None,
+        *,
+        key: bytes | None,
+        headers: list | None = None,
+    ) -> FutureRecordMetadata:
+        """Sends bytes as they are (dead letters, tests of malformed input)."""
+        return self._producer.send(topic_name, value=value, key=key, headers=headers or [])
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        self._producer.flush(timeout=timeout_s)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self._producer.close(timeout=timeout_s)
+
+
+class _SeekOnAssign(ConsumerRebalanceListener):
+    """Applies start offsets when partitions are assigned (they can only be sought then)."""
+
+    def __init__(self, consumer: Consumer) -> None:
+        self._consumer = consumer
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        pass
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        for tp in assigned:
+            offset = self._consumer._start_offsets.get((tp.topic, tp.partition))
+            if offset is not None:
+                self._consumer._kafka.seek(tp, offset)
+
+
+class Consumer:
+    """A consumer-group member reading protobuf records of the given topics, committing by hand.
+
+    ``start_offsets`` (e.g. the offsets in the latest checkpoint manifest) override the
+    group's committed offsets for those partitions.
+    """
+
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        topics: Sequence[Topic],
+        *,
+        group_id: str,
+        client_id: str,
+        registry: CollectorRegistry | None = None,
+        auto_offset_reset: str = "earliest",
+        dead_letter: Producer | None = None,
+        start_offsets: Offsets | None = None,
+        **overrides: Any,
+    ) -> None:
+        self._topics = {t.name: t for t in topics}
+        self._dead_letter = dead_letter
+        self._metrics = _BusMetrics(registry)
+        self._start_offsets = dict(start_offsets or {})
+        self._lock = threading.Lock()
+        config: dict[str, Any] = {
+            "bootstrap_servers": bootstrap_servers.split(","),
+            "client_id": client_id,
+            "group_id": group_id,
+            "enable_auto_commit": False,
+            "auto_offset_reset": auto_offset_reset,
+            "api_version": (4, 0),
+        }
+        config.update(overrides)
+        self._kafka = KafkaConsumer(**config)
+        self._kafka.subscribe(list(self._topics), listener=_SeekOnAssign(self))
+
+    def poll(self, timeout_s: float = 1.0, max_records: int = 500) -> list[Record]:
+        """Returns the next parsed records (possibly none); bad ones go to the dead-letter topic."""
+        with self._lock:
+            batches = self._kafka.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        out: list[Record] = []
+        for tp, messages in batches.items():
+            topic = self._topics[tp.topic]
+            for m in messages:
+                if m.value is None:
+                    continue  # a compaction tombstone: nothing to read
+                try:
+                    value = topic.record.FromString(m.value)
+                    if not getattr(value, "event_id", ""):
+                        raise DecodeError("record has no event_id")
+                except DecodeError as exc:
+                    self._to_dead_letter(m, str(exc))
+                    continue
+                key = m.key.decode(errors="replace") if m.key is not None else None
+                out.append(Record(m.topic, m.partition, m.offset, key, value, m.timestamp))
+                self._metrics.consumed.labels(m.topic).inc()
+        return out
+
+    def _to_dead_letter(self, m: Any, reason: str) -> None:
+        log.warning("%s[%d]@%d does not parse (%s); sent to %s",
+                    m.topic, m.partition, m.offset, reason, dead_letter(m.topic))  # fmt: skip
+        self._metrics.dead_letters.labels(m.topic).inc()
+        if self._dead_letter is None:
+            return
+        headers = [
+            ("rlhf.source", f"{m.topic}[{m.partition}]@{m.offset}".encode()),
+            ("rlhf.error", reason.encode()),
+        ]
+        # Waiting for the ack keeps "consumed past it" from ever meaning "lost it".
+        self._dead_letter.send_raw(dead_letter(m.topic), m.value, key=m.key, headers=headers).get(
+            timeout=30
+        )
+
+    def positions(self) -> dict[tuple[str, int], int]:
+        """The next offset to read for every assigned partition."""
+        with self._lock:
+            return {
+                (tp.topic, tp.partition): self._kafka.position(tp)
+                for tp in self._kafka.assignment()
+            }
+
+    def commit(self, offsets: Offsets | None = None) -> None:
+        """Commits ``offsets`` (next offset to read per partition), or the current positions."""
+        chosen = dict(offsets) if offsets is not None else self.positions()
+        payload = {
+            TopicPartition(topic, partition): OffsetAndMetadata(offset, "", -1)
+            for (topic, partition), offset in chosen.items()
+        }
+        with self._lock:
+            self._kafka.commit(payload)
+
+    def committed(self) -> dict[tuple[str, int], int]:
+        """The group's committed offsets for the assigned partitions (absent: none committed)."""
+        out = {}
+        with self._lock:
+            for tp in self._kafka.assignment():
+                offset = self._kafka.committed(tp)
+                if offset is not None:
+                    out[(tp.topic, tp.partition)] = offset
+        return out
+
+    def end_offsets(self) -> dict[tuple[str, int], int]:
+        """Log-end offsets of the assigned partitions (for consumer lag)."""
+        with self._lock:
+            ends = self._kafka.end_offsets(list(self._kafka.assignment()))
+        return {(tp.topic, tp.partition): off for tp, off in ends.items()}
+
+    def seek(self, offsets: Offsets) -> None:
+        """Moves to the given offsets now for assigned partitions, and on later assignment."""
+        self._start_offsets.update(offsets)
+        with self._lock:
+            assigned = {(tp.topic, tp.partition): tp for tp in self._kafka.assignment()}
+            for key, offset in offsets.items():
+                if key in assigned:
+                    self._kafka.seek(assigned[key], offset)
+
+    def close(self) -> None:
+        with self._lock:
+            self._kafka.close(autocommit=False)
+
+
+def ensure_topics(
+    bootstrap_servers: str,
+    topics: Sequence[Topic] = ALL,
+    *,
+    replication_factor: int = 1,
+    timeout_s: float = 30.0,
+) -> None:
+    """Creates the topics (and their dead-letter topics) that do not exist yet."""
+    admin = KafkaAdminClient(
+        bootstrap_servers=bootstrap_servers.split(","),
+        client_id="rlhf-admin",
+        request_timeout_ms=int(timeout_s * 1000),
+    )
+    try:
+        existing = set(admin.list_topics())
+        wanted = []
+        for t in topics:
+            if t.name not in existing:
+                wanted.append(
+                    NewTopic(
+                        t.name, t.partitions, replication_factor, topic_configs=t.topic_configs()
+                    )
+                )
+            if dead_letter(t.name) not in existing:
+                wanted.append(NewTopic(dead_letter(t.name), 1, replication_factor))
+        if wanted:
+            # Another process may create them concurrently; either way they exist after this.
+            with contextlib.suppress(TopicAlreadyExistsError):
+                admin.create_topics(wanted, timeout_ms=int(timeout_s * 1000))
+    finally:
+        admin.close()
