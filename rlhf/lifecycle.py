@@ -1,0 +1,323 @@
+"""Which model version serves which request: state derived from model events alone.
+
+Every change (publish, promote, roll back, pin, canary) is a ``ModelEvent`` on the models
+topic. ``ModelState`` folds those events, in topic order, into the serving state of one role,
+so every replica that reads the topic from the beginning reaches the same state, including
+one started long after the events were written. ``ModelFollower`` keeps a ``ModelState``
+current from Kafka and, as a fallback for events that never made it to Kafka, from the
+checkpoint registry on disk.
+
+Routing a request (``ModelState.route``):
+  pinned version, if any  >  canary version for ``share`` of user ids (sticky)  >  promoted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from rlhf import bus, checkpoint, topics
+from rlhf.v1 import events_pb2
+
+log = logging.getLogger(__name__)
+
+Kind = events_pb2.ModelEventKind
+ROLE_NAMES = {events_pb2.MODEL_ROLE_POLICY: "policy", events_pb2.MODEL_ROLE_REWARD: "reward"}
+ROLES = {name: role for role, name in ROLE_NAMES.items()}
+
+
+@dataclass
+class VersionInfo:
+    version: str
+    path: str
+    parent: str = ""
+    created_at_ms: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ModelState:
+    """The serving state of one role. Mutated only by ``apply``."""
+
+    role: int
+    versions: dict[str, VersionInfo] = field(default_factory=dict)
+    # Promotion history, newest last; rolling back pops to an earlier entry.
+    promoted_history: list[str] = field(default_factory=list)
+    pinned: str | None = None
+    canary: str | None = None
+    canary_share: float = 0.0
+    rejected: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def promoted(self) -> str | None:
+        return self.promoted_history[-1] if self.promoted_history else None
+
+    @property
+    def serving(self) -> str | None:
+        """The version a request with no canary luck goes to."""
+        return self.pinned or self.promoted
+
+    def apply(self, event: events_pb2.ModelEvent) -> bool:
+        """Folds one event in; returns whether the state changed. Unknown versions are ignored
+        (except PUBLISHED, which introduces them), so a bad admin call cannot route to nothing."""
+        if event.role != self.role:
+            return False
+        v = event.version
+        if event.kind == Kind.MODEL_EVENT_KIND_PUBLISHED:
+            if v in self.versions:
+                return False
+            self.versions[v] = VersionInfo(
+                v, event.path, event.parent_version, event.created_at_ms, dict(event.metrics)
+            )
+            return True
+        if event.kind == Kind.MODEL_EVENT_KIND_REJECTED:
+            self.rejected[v] = event.reason
+            return False
+        if event.kind == Kind.MODEL_EVENT_KIND_UNPINNED:
+            changed = self.pinned is not None
+            self.pinned = None
+            return changed
+        if v not in self.versions:
+            log.warning("ignoring %s of unknown version %r", Kind.Name(event.kind), v)
+            return False
+        if event.kind == Kind.MODEL_EVENT_KIND_PROMOTED:
+            if self.promoted == v:
+                return False
+            self.promoted_history.append(v)
+            if self.canary == v:
+                self.canary, self.canary_share = None, 0.0
+            return True
+        if event.kind == Kind.MODEL_EVENT_KIND_ROLLED_BACK:
+            if v in self.promoted_history:
+                del self.promoted_history[self.promoted_history.index(v) + 1 :]
+            else:
+                self.promoted_history.append(v)
+            return True
+        if event.kind == Kind.MODEL_EVENT_KIND_PINNED:
+            changed = self.pinned != v
+            self.pinned = v
+            return changed
+        if event.kind == Kind.MODEL_EVENT_KIND_CANARY:
+            share = min(max(event.canary_share, 0.0), 1.0)
+            self.canary, self.canary_share = (v, share) if share > 0 else (None, 0.0)
+            return True
+        return False
+
+    def previous_promoted(self) -> str | None:
+        return self.promoted_history[-2] if len(self.promoted_history) > 1 else None
+
+    def route(self, user_id: str) -> str | None:
+        """The version for a new request from ``user_id`` (sticky for the canary)."""
+        if self.pinned:
+            return self.pinned
+        if self.canary and self.canary_share > 0 and user_bucket(user_id) < self.canary_share:
+            return self.canary
+        return self.promoted
+
+    def wanted(self) -> set[str]:
+        """Versions that should be resident: what new requests can be routed to."""
+        return {v for v in (self.pinned, self.promoted, self.canary) if v}
+
+
+def user_bucket(user_id: str) -> float:
+    """A stable number in [0, 1) per user id, the same on every replica."""
+    digest = hashlib.sha256(f"canary:{user_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def model_event(
+    kind: int,
+    role: int,
+    version: str,
+    *,
+    path: str = "",
+    parent: str = "",
+    metrics: dict[str, float] | None = None,
+    canary_share: float = 0.0,
+    reason: str = "",
+    actor: str = "",
+) -> events_pb2.ModelEvent:
+    return events_pb2.ModelEvent(
+        event_id=uuid.uuid4().hex,
+        created_at_ms=int(time.time() * 1000),
+        kind=kind,  # type: ignore[arg-type]
+        role=role,  # type: ignore[arg-type]
+        version=version,
+        parent_version=parent,
+        path=path,
+        metrics=metrics or {},
+        canary_share=canary_share,
+        reason=reason,
+        actor=actor,
+    )
+
+
+def published_events(
+    manifest: checkpoint.Manifest, path: Path, *, auto_promote: bool, actor: str
+) -> list[events_pb2.ModelEvent]:
+    """The events announcing a new checkpoint: PUBLISHED, then PROMOTED when auto-promoting."""
+    role = ROLES[manifest.role]
+    events = [
+        model_event(
+            Kind.MODEL_EVENT_KIND_PUBLISHED, role, manifest.version, path=str(path),
+            parent=manifest.parent or "", metrics=manifest.metrics, actor=actor,
+        )
+    ]  # fmt: skip
+    if auto_promote:
+        events.append(
+            model_event(Kind.MODEL_EVENT_KIND_PROMOTED, role, manifest.version, actor=actor)
+        )
+    return events
+
+
+class ModelFollower:
+    """Keeps one ``ModelState`` per role current from the models topic and the registry.
+
+    ``on_change(state)`` runs (in the follower thread) after every change. With
+    ``auto_promote_from_registry``, a version found on disk but never announced on Kafka
+    (the trainer published while Kafka was down) is treated as published, and the newest as
+    promoted, once ``registry_grace_s`` has passed: a missed event still converges.
+    """
+
+    def __init__(
+        self,
+        *,
+        roles: tuple[int, ...] = (events_pb2.MODEL_ROLE_POLICY, events_pb2.MODEL_ROLE_REWARD),
+        bootstrap_servers: str | None,
+        registry_dir: Path | None,
+        on_change: Callable[[ModelState], None] = lambda _state: None,
+        registry: CollectorRegistry | None = None,
+        poll_registry_s: float = 5.0,
+        registry_grace_s: float = 30.0,
+        auto_promote_from_registry: bool = True,
+    ) -> None:
+        self.states = {role: ModelState(role) for role in roles}
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._on_change = on_change
+        self._registry_dir = registry_dir
+        self._poll_registry_s = poll_registry_s
+        self._registry_grace_s = registry_grace_s
+        self._auto_promote = auto_promote_from_registry
+        self._stop = threading.Event()
+        self._applied: set[str] = set()
+        self._consumer: bus.Consumer | None = None
+        if bootstrap_servers:
+            # A group of its own: every replica reads the whole history.
+            self._consumer = bus.Consumer(
+                bootstrap_servers, [topics.MODELS],
+                group_id=f"follower-{uuid.uuid4().hex[:12]}", client_id="model-follower",
+                registry=registry,
+            )  # fmt: skip
+        self._thread = threading.Thread(target=self._run, name="model-follower", daemon=True)
+
+    def start(self, catch_up_timeout_s: float = 30.0) -> None:
+        """Replays the models topic up to its end (bounded), adopts unannounced registry
+        versions, then follows in the background."""
+        if self._consumer is not None:
+            self._catch_up(catch_up_timeout_s)
+        self.sync_registry(grace_s=0.0)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        if self._consumer is not None:
+            self._consumer.close()
+
+    def _catch_up(self, timeout_s: float) -> None:
+        assert self._consumer is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                for record in self._consumer.poll(timeout_s=0.5):
+                    self.apply(record.value)  # type: ignore[arg-type]
+                positions = self._consumer.positions()
+                ends = self._consumer.end_offsets()
+                if positions and all(positions.get(tp, 0) >= end for tp, end in ends.items()):
+                    return
+            except Exception:  # Kafka down at start: serve from the registry meanwhile.
+                log.exception("models topic not readable; starting from the registry")
+                return
+        log.warning(
+            "models topic replay unfinished after %.0fs; continuing in background", timeout_s
+        )
+
+    def apply(self, event: events_pb2.ModelEvent) -> None:
+        state = self.states.get(event.role)
+        if state is None:
+            return
+        with self._lock:
+            if event.event_id in self._applied:
+                return  # a redelivered event
+            self._applied.add(event.event_id)
+            changed = state.apply(event)
+            self._changed.notify_all()
+        if changed:
+            self._on_change(state)
+
+    def wait_for(self, event_id: str, timeout_s: float) -> bool:
+        """Blocks until the event with ``event_id`` has been applied (or the timeout)."""
+        with self._lock:
+            return self._changed.wait_for(lambda: event_id in self._applied, timeout=timeout_s)
+
+    def sync_registry(self, grace_s: float | None = None) -> None:
+        """Adopts versions on disk that no event announced within the grace period."""
+        if self._registry_dir is None:
+            return
+        grace_ms = 1000 * (self._registry_grace_s if grace_s is None else grace_s)
+        now_ms = time.time() * 1000
+        for role, state in self.states.items():
+            role_name = ROLE_NAMES[role]
+            unseen = [
+                v for v in checkpoint.list_versions(self._registry_dir, role_name)
+                if v not in state.versions
+            ]  # fmt: skip
+            for version in unseen:
+                path = self._registry_dir / role_name / version
+                try:
+                    manifest = checkpoint.read_manifest(path)
+                except checkpoint.CheckpointError as exc:
+                    log.warning("registry version %s unreadable: %s", version, exc)
+                    continue
+                if now_ms - manifest.created_at_ms < grace_ms:
+                    continue  # its PUBLISHED event is probably on its way
+                if state.versions:
+                    log.warning(
+                        "adopting %s from the registry: no model event announced it", version
+                    )
+                promote = self._auto_promote and version == unseen[-1]
+                for event in published_events(
+                    manifest, path, auto_promote=promote, actor="registry"
+                ):
+                    self.apply(event)
+
+    def _run(self) -> None:
+        next_scan = time.monotonic() + self._poll_registry_s
+        while not self._stop.is_set():
+            if self._consumer is not None:
+                try:
+                    for record in self._consumer.poll(timeout_s=0.5):
+                        self.apply(record.value)  # type: ignore[arg-type]
+                except (
+                    Exception
+                ):  # Kafka trouble must not kill the follower; the registry still works.
+                    log.exception("models topic poll failed")
+                    self._stop.wait(1.0)
+            else:
+                self._stop.wait(0.5)
+            if time.monotonic() >= next_scan:
+                next_scan = time.monotonic() + self._poll_registry_s
+                try:
+                    self.sync_registry()
+                except OSError:
+                    log.exception("registry scan failed")
