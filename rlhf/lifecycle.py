@@ -30,8 +30,11 @@ from rlhf.v1 import events_pb2
 log = logging.getLogger(__name__)
 
 Kind = events_pb2.ModelEventKind
-ROLE_NAMES = {events_pb2.MODEL_ROLE_POLICY: "policy", events_pb2.MODEL_ROLE_REWARD: "reward"}
-ROLES = {name: role for role, name in ROLE_NAMES.items()}
+ROLE_NAMES: dict[int, str] = {
+    events_pb2.MODEL_ROLE_POLICY: "policy",
+    events_pb2.MODEL_ROLE_REWARD: "reward",
+}
+ROLES: dict[str, int] = {name: role for role, name in ROLE_NAMES.items()}
 
 
 @dataclass

@@ -127,7 +127,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     async def Rollback(self, request, context):
         state = await self._state(request.role, context)
-        version = request.version or state.previous_promoted()
+        version: str = request.version or state.previous_promoted() or ""
         if not version:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,

@@ -1,0 +1,1 @@
+"""The deployable servers: one folder per service."""

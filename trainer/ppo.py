@@ -1,0 +1,255 @@
+"""Step 3 of InstructGPT: PPO-ptx against the reward model, per-token KL to the SFT policy.
+
+    rollout(policy, ref_policy, value_model, reward_model, tok, prompts, *, beta,
+            max_new_tokens=32, max_prompt_tokens=64, temperature=1.0, gamma=1.0, lam=0.95,
+            whiten_advantages=True) -> Rollout
+        Samples one response per prompt from the current policy (temperature 1: the full
+        distribution, no top-k/top-p), then scores it: behaviour and reference log-probs,
+        values, the RM's normalised reward, the KL-penalised per-token rewards
+        r(x,y) at the last token - β·(log π - log π_SFT) at every token, and GAE.
+    ppo_step(policy, value_model, optimizer, batch, *, ptx=None, gamma_ptx=0.0, clip=0.2,
+             value_clip=0.2, vf_coef=0.5, max_grad_norm=1.0) -> PPOStats
+        One optimizer step on a minibatch of a Rollout (`Rollout.minibatches`): the clipped
+        surrogate + vf_coef·clipped value loss in one backward pass, then gamma_ptx·LM loss on
+        `ptx` = (input_ids, attention_mask) in a second backward pass accumulated into the same
+        gradients, then ONE optimizer.step().
+    ema_update(ema_model, model, decay=0.992)      EMA of policy weights (paper)
+    value_model_from_rm(rm) -> RewardModel         the value network
+
+Choices: the value network is a separate copy of the reward model (the paper initialises the
+value function from the RM); V at position i is its head output at i plus the RM bias, i.e.
+it starts as the RM's own score of each prefix. `optimizer` holds the parameters of both the
+policy and the value network (e.g. one AdamW, betas (0.9, 0.95)). The reference policy is the
+frozen SFT model, loaded with the policy's dtype (on CUDA: fp32 weights for both, under
+autocast; a bf16 reference next to an fp32 policy shows rounding as KL). Models stay in eval
+mode (no dropout), so a rollout's log-probs are exactly the ones PPO's ratio starts from. On
+CUDA the forwards run under bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf import models
+from rlhf.models import RewardModel
+from trainer import losses
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollout:
+    """Scored episodes. Per-token tensors are action aligned (B, T-1): index i is token i+1."""
+
+    prompts: list[str]
+    responses: list[str]
+    input_ids: Tensor  # (B, T) prompt + response, right-padded
+    attention_mask: Tensor  # (B, T)
+    action_mask: Tensor  # (B, T-1) 1 on response tokens
+    logp: Tensor  # log π_old of each response token
+    ref_logp: Tensor  # log π_SFT
+    values: Tensor  # V before each response token
+    rm_score: Tensor  # (B,) normalised RM reward
+    rewards: Tensor  # KL-penalised per-token rewards
+    advantages: Tensor
+    returns: Tensor
+    ended: Tensor  # (B,) True where the response ended with EOS (not cut by length)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def kl(self) -> Tensor:
+        """(B,) log π_old(y|x) - log π_SFT(y|x) of each episode (nats)."""
+        return ((self.logp - self.ref_logp) * self.action_mask).sum(dim=1)
+
+    def select(self, idx: Tensor) -> Rollout:
+        picked: dict[str, object] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            picked[f.name] = (
+                value[idx.to(value.device)]
+                if isinstance(value, Tensor)
+                else [value[i] for i in idx.tolist()]
+            )
+        return Rollout(**picked)  # type: ignore[arg-type]
+
+    def minibatches(self, size: int, generator: torch.Generator | None = None) -> Iterator[Rollout]:
+        """Shuffled minibatches covering every episode once (one PPO epoch)."""
+        order = torch.randperm(len(self), generator=generator)
+        for i in range(0, len(self), size):
+            yield self.select(order[i : i + size])
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOStats:
+    policy_loss: float
+    value_loss: float
+    ptx_loss: float  # 0 when no pretraining batch (plain PPO)
+    kl: float  # mean per-episode log π_old/π_SFT of the minibatch (nats)
+    approx_kl: float  # mean per-token log π_old - log π_new: how far this step moved
+    clip_frac: float
+    entropy: float  # mean per-token entropy of the policy on the responses
+    mean_reward: float  # mean normalised RM reward of the minibatch
+    mean_return: float
+    grad_norm: float
+    episodes: int
+
+
+def value_model_from_rm(rm: RewardModel) -> RewardModel:
+    """A trainable copy of the reward model to serve as the value network."""
+    value = copy.deepcopy(rm)
+    value.requires_grad_(True)
+    return value
+
+
+def _logprobs(model: PreTrainedModel, ids: Tensor, mask: Tensor) -> Tensor:
+    with models.autocast(ids.device):
+        return losses.token_logprobs(model(input_ids=ids, attention_mask=mask).logits, ids)
+
+
+def _values(value_model: RewardModel, ids: Tensor, mask: Tensor) -> Tensor:
+    with models.autocast(ids.device):
+        return value_model.per_token(ids, mask)[:, :-1] + value_model.bias
+
+
+def _cut_at_eos(tokens: Sequence[int], eos: set[int]) -> tuple[list[int], bool]:
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return list(tokens[: i + 1]), True
+    return list(tokens), False
+
+
+@torch.no_grad()
+def rollout(
+    policy: PreTrainedModel,
+    ref_policy: PreTrainedModel,
+    value_model: RewardModel,
+    reward_model: RewardModel,
+    tok: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    *,
+    beta: float,
+    max_new_tokens: int = 32,
+    max_prompt_tokens: int = 64,
+    temperature: float = 1.0,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    whiten_advantages: bool = True,
+) -> Rollout:
+    device = policy.device
+    ids, mask = models.encode_prompts(tok, prompts, max_prompt_tokens)
+    eos = {tok.eos_token_id}
+    eos |= set(torch.tensor(policy.generation_config.eos_token_id or []).view(-1).tolist())
+    with models.autocast(device):
+        out = policy.generate(  # type: ignore[operator]
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            do_sample=True,
+            temperature=temperature,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tok.pad_token_id,
+        )
+    cut = [_cut_at_eos(row, eos) for row in out[:, ids.shape[1] :].tolist()]
+    prompt_ids = [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
+    batch = models.join_pairs(prompt_ids, [c[0] for c in cut], tok.pad_token_id).to(device)
+    ids, mask, action_mask = batch.input_ids, batch.attention_mask, batch.response_mask[:, 1:]
+
+    logp = _logprobs(policy, ids, mask)
+    ref_logp = _logprobs(ref_policy, ids, mask)
+    values = _values(value_model, ids, mask) * action_mask
+    with models.autocast(device):
+        rm_score = reward_model(ids, mask).float()
+    rewards = losses.kl_penalized_rewards(rm_score, logp, ref_logp, action_mask, beta)
+    advantages, returns = losses.gae(rewards, values, action_mask, gamma, lam)
+    if whiten_advantages:
+        advantages = losses.whiten(advantages, action_mask)
+    return Rollout(
+        prompts=list(prompts),
+        responses=tok.batch_decode([c[0] for c in cut], skip_special_tokens=True),
+        input_ids=ids,
+        attention_mask=mask,
+        action_mask=action_mask,
+        logp=logp,
+        ref_logp=ref_logp,
+        values=values,
+        rm_score=rm_score,
+        rewards=rewards,
+        advantages=advantages,
+        returns=returns,
+        ended=torch.tensor([c[1] for c in cut], device=device),
+    )
+
+
+def ppo_step(
+    policy: PreTrainedModel,
+    value_model: RewardModel,
+    optimizer: torch.optim.Optimizer,
+    batch: Rollout,
+    *,
+    ptx: tuple[Tensor, Tensor] | None = None,
+    gamma_ptx: float = 0.0,
+    clip: float = 0.2,
+    value_clip: float = 0.2,
+    vf_coef: float = 0.5,
+    max_grad_norm: float | None = 1.0,
+) -> PPOStats:
+    device = policy.device
+    ids, mask, am = batch.input_ids, batch.attention_mask, batch.action_mask
+    optimizer.zero_grad(set_to_none=True)
+
+    # Pass 1: clipped surrogate + clipped value loss on the rollout minibatch.
+    with models.autocast(device):
+        logits = policy(input_ids=ids, attention_mask=mask).logits
+    logp = losses.token_logprobs(logits, ids)
+    with torch.no_grad():
+        entropy = losses.masked_mean(losses.entropy_from_logits(logits[:, :-1]), am)
+    values = _values(value_model, ids, mask)
+    policy_loss, clip_frac = losses.ppo_policy_loss(logp, batch.logp, batch.advantages, am, clip)
+    v_loss = losses.value_loss(values, batch.values, batch.returns, am, value_clip)
+    (policy_loss + vf_coef * v_loss).backward()
+    del logits
+
+    # Pass 2: γ · pretraining LM loss, accumulated into the same gradients (PPO-ptx).
+    ptx_value = 0.0
+    if ptx is not None and gamma_ptx > 0:
+        ptx_ids, ptx_mask = (t.to(device) for t in ptx)
+        with models.autocast(device):
+            ptx_logits = policy(input_ids=ptx_ids, attention_mask=ptx_mask).logits
+        ptx_loss = losses.ptx_loss(ptx_logits, ptx_ids, ptx_mask)
+        (gamma_ptx * ptx_loss).backward()
+        ptx_value = ptx_loss.item()
+
+    # One optimizer step for both passes.
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = (
+        float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)) if max_grad_norm else 0.0
+    )
+    optimizer.step()
+
+    return PPOStats(
+        policy_loss=policy_loss.item(),
+        value_loss=v_loss.item(),
+        ptx_loss=ptx_value,
+        kl=float(batch.kl.mean()),
+        approx_kl=float(losses.masked_mean(batch.logp - logp.detach(), am)),
+        clip_frac=float(clip_frac),
+        entropy=float(entropy),
+        mean_reward=float(batch.rm_score.mean()),
+        mean_return=float(losses.masked_mean(batch.returns, am)),
+        grad_norm=grad_norm,
+        episodes=len(batch),
+    )
+
+
+@torch.no_grad()
+def ema_update(ema_model: nn.Module, model: nn.Module, decay: float = 0.992) -> None:
+    """ema ← decay · ema + (1 - decay) · model, parameter by parameter."""
+    for e, p in zip(ema_model.parameters(), model.parameters(), strict=True):
+        e.lerp_(p.to(e.dtype), 1.0 - decay)
