@@ -171,7 +171,8 @@ def parse_config(
             dest=name,
             default=argparse.SUPPRESS,
             metavar="VALUE",
-            help=f"{f.metadata.get('help', '')} (default: {default!r})",
+            # argparse %-formats help texts: a literal "%" ("10%") would crash --help.
+            help=f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%"),
         )
     args = vars(parser.parse_args(argv))
     file = args.pop("config", None)

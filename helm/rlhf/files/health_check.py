@@ -1,0 +1,86 @@
+"""Health check run by ``helm test``: every gRPC server reports SERVING through grpc.health.v1
+and every /metrics endpoint serves Prometheus text with rlhf_ metrics.
+
+    python health_check.py --grpc HOST:PORT/SERVICE ... --metrics URL ... [--timeout-s 60]
+
+Exits 0 when every check passes, 1 otherwise, printing one line per check. It ships in the
+chart (a ConfigMap mounted into the test pod) and runs in the rlhf image, which has grpcio,
+grpcio-health-checking and prometheus-client installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import urllib.request
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+def check_grpc(target: str, timeout_s: float) -> str | None:
+    """Waits until ``HOST:PORT[/SERVICE]`` reports SERVING; returns an error or None.
+
+    Health.Watch streams every status change, so a server that is still loading its model is
+    waited for (until the deadline) instead of polled.
+    """
+    address, _, service = target.partition("/")
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        request = health_pb2.HealthCheckRequest(service=service)
+        last = "no status received"
+        try:
+            for response in stub.Watch(request, timeout=timeout_s, wait_for_ready=True):
+                if response.status == SERVING:
+                    return None
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                return f"{err.code().name}: {err.details()}"
+        return f"not SERVING after {timeout_s:g}s ({last})"
+
+
+def check_metrics(url: str, timeout_s: float) -> str | None:
+    """Fetches ``url`` and checks that it is Prometheus text holding rlhf_ metric families."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            body = response.read().decode()
+    except OSError as err:
+        return f"GET failed: {err}"
+    try:
+        names = [family.name for family in text_string_to_metric_families(body)]
+    except ValueError as err:
+        return f"not Prometheus text format: {err}"
+    if not any(name.startswith("rlhf_") for name in names):
+        return f"no rlhf_ metrics among {len(names)} families"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--grpc", action="append", default=[], metavar="HOST:PORT/SERVICE")
+    parser.add_argument("--metrics", action="append", default=[], metavar="URL")
+    parser.add_argument("--timeout-s", type=float, default=60.0, help="per check")
+    args = parser.parse_args(argv)
+    if not args.grpc and not args.metrics:
+        parser.error("nothing to check: give --grpc and/or --metrics")
+
+    failed = 0
+    checks = [(f"grpc {t}", check_grpc, t) for t in args.grpc]
+    checks += [(f"metrics {u}", check_metrics, u) for u in args.metrics]
+    for label, check, target in checks:
+        start = time.monotonic()
+        error = check(target, args.timeout_s)
+        took = time.monotonic() - start
+        print(f"{'FAIL' if error else 'ok  '} {label} ({took:.2f}s){': ' + error if error else ''}")
+        failed += error is not None
+    print(f"health checks: {len(checks) - failed} of {len(checks)} ok")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
