@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,24 @@ log = logging.getLogger(__name__)
 
 # (topic name, partition) -> offset of the next record to read.
 Offsets = Mapping[tuple[str, int], int]
+
+
+def security_from_env(env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Kafka client security settings from the environment (the Helm chart sets these from a
+    Secret): ``RLHF_KAFKA_SECURITY_PROTOCOL`` (PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL),
+    ``RLHF_KAFKA_SASL_MECHANISM`` (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512),
+    ``RLHF_KAFKA_SASL_USERNAME`` and ``RLHF_KAFKA_SASL_PASSWORD``. Credentials stay out of
+    config files and flags, which end up in logs and process listings."""
+    env = os.environ if env is None else env
+    out: dict[str, Any] = {}
+    protocol = env.get("RLHF_KAFKA_SECURITY_PROTOCOL", "")
+    if protocol:
+        out["security_protocol"] = protocol
+    if protocol.startswith("SASL"):
+        out["sasl_mechanism"] = env.get("RLHF_KAFKA_SASL_MECHANISM", "PLAIN")
+        out["sasl_plain_username"] = env.get("RLHF_KAFKA_SASL_USERNAME", "")
+        out["sasl_plain_password"] = env.get("RLHF_KAFKA_SASL_PASSWORD", "")
+    return out
 
 
 class PublishError(RuntimeError):
@@ -106,6 +125,7 @@ class Producer:
             # Skips the blocking version probe at start-up so a producer can be built while
             # Kafka is down (the servers must start and serve without it).
             "api_version": (4, 0),
+            **security_from_env(),
         }
         config.update(overrides)
         self._producer = KafkaProducer(**config)
@@ -197,6 +217,7 @@ class Consumer:
             "enable_auto_commit": False,
             "auto_offset_reset": auto_offset_reset,
             "api_version": (4, 0),
+            **security_from_env(),
         }
         config.update(overrides)
         self._kafka = KafkaConsumer(**config)
@@ -299,6 +320,7 @@ def ensure_topics(
         bootstrap_servers=bootstrap_servers.split(","),
         client_id="rlhf-admin",
         request_timeout_ms=int(timeout_s * 1000),
+        **security_from_env(),
     )
     try:
         existing = set(admin.list_topics())

@@ -393,6 +393,17 @@ class InfoConfig:
     path: str = option("models/tiny/policy", "model directory to describe")
 
 
+@dataclasses.dataclass(frozen=True)
+class SeedConfig:
+    registry: str = option("registry", "checkpoint registry to seed")
+    base: str = option(
+        "models/tiny", "directory holding policy/ and reward/ (from `rlhf model init`)"
+    )
+    bootstrap_servers: str = option(
+        "", "Kafka to announce the versions on (empty: servers find them in the registry)"
+    )
+
+
 def init_models(cfg: InitConfig) -> tuple[Path, Path]:
     """Writes <out>/policy (build_tiny) and <out>/reward (RM initialised from that policy)."""
     policy = build_tiny(Path(cfg.out) / "policy", seed=cfg.seed, size=cfg.size)
@@ -438,10 +449,32 @@ def _numel(handle: object, key: str) -> int:
 
 
 def main(argv: list[str]) -> int:
-    usage = "usage: rlhf model {init,info} [options]   (rlhf model init --help)"
-    if not argv or argv[0] not in ("init", "info"):
+    usage = "usage: rlhf model {init,seed,info} [options]   (rlhf model init --help)"
+    if not argv or argv[0] not in ("init", "seed", "info"):
         print(usage, file=sys.stderr)
         return 2
+    if argv[0] == "seed":
+        from rlhf import bus, lifecycle
+
+        seed_cfg = parse_config(
+            SeedConfig,
+            argv[1:],
+            prog="rlhf model seed",
+            description="Publish a base policy and reward model as the registry's first versions.",
+            env_prefix="RLHF_MODEL_",
+        )
+        producer = (
+            bus.Producer(seed_cfg.bootstrap_servers, client_id="rlhf-seed")
+            if seed_cfg.bootstrap_servers
+            else None
+        )
+        try:
+            seeded = lifecycle.seed_registry(Path(seed_cfg.registry), Path(seed_cfg.base), producer)
+        finally:
+            if producer is not None:
+                producer.close()
+        print(json.dumps({m.role: m.version for m in seeded}))
+        return 0
     if argv[0] == "init":
         cfg = parse_config(
             InitConfig,

@@ -195,3 +195,22 @@ def test_send_to_an_unreachable_broker_fails_with_publish_error_in_bounded_time(
         p.send_sync(topic, demo(0), key="k", timeout_s=2.0)
     assert time.monotonic() - started < 10
     p.close(timeout_s=1)
+
+
+def test_kafka_security_settings_come_from_the_environment():
+    env = {
+        "RLHF_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+        "RLHF_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+        "RLHF_KAFKA_SASL_USERNAME": "trainer",
+        "RLHF_KAFKA_SASL_PASSWORD": "s3cret",
+    }
+    assert bus.security_from_env(env) == {
+        "security_protocol": "SASL_SSL",
+        "sasl_mechanism": "SCRAM-SHA-512",
+        "sasl_plain_username": "trainer",
+        "sasl_plain_password": "s3cret",
+    }
+    assert bus.security_from_env({}) == {}
+    assert bus.security_from_env({"RLHF_KAFKA_SECURITY_PROTOCOL": "SSL"}) == {
+        "security_protocol": "SSL"
+    }
