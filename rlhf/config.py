@@ -103,15 +103,24 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _build(cls: type[T], values: Mapping[str, Any], prefix: str = "") -> T:
+def _build(cls: type[T], values: Mapping[str, Any], prefix: str = "", base: Any = None) -> T:
+    """Builds ``cls`` from flat values; ``base`` (a section's own default) supplies the rest."""
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            kwargs[f.name] = _build(typing.cast(type, tp), values, f"{prefix}{f.name}.")
+            if base is not None:
+                default = getattr(base, f.name)
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                default = None
+            kwargs[f.name] = _build(typing.cast(type, tp), values, f"{prefix}{f.name}.", default)
         elif prefix + f.name in values:
             kwargs[f.name] = values[prefix + f.name]
+    if base is not None:
+        return dataclasses.replace(base, **kwargs)
     return cls(**kwargs)
 
 

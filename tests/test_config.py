@@ -76,3 +76,15 @@ def test_parse_config_turns_errors_into_a_usage_error(capsys):
         parse_config(Example, ["--port", "99999"], prog="t", description="t", env_prefix="X_")
     assert info.value.code == 2
     assert "port must be in 1..65535, got 99999" in capsys.readouterr().err
+
+
+def test_a_section_keeps_its_own_default_factory():
+    import dataclasses as dc
+
+    @dataclass(frozen=True)
+    class Outer:
+        inner: Inner = dc.field(default_factory=lambda: Inner(beta=0.5), metadata={"help": "x"})
+
+    assert load_config(Outer).inner == Inner(beta=0.5)
+    assert load_config(Outer, flags={"inner.enabled": "true"}).inner == Inner(beta=0.5, enabled=True)
+    assert load_config(Outer, flags={"inner.beta": "0.1"}).inner.beta == 0.1

@@ -1,0 +1,535 @@
+"""The server runtime every gRPC service of the system runs on.
+
+One ``ServerRuntime`` per process gives a service, without any code of its own:
+
+* a ``grpc.aio`` server with message size limits (oversized messages: ``RESOURCE_EXHAUSTED``);
+* standard health checking (``grpc.health.v1.Health``) and server reflection;
+* API-key authentication with scopes (``infer``, ``feedback``, ``admin``): keys come from a
+  file and/or an inline setting (usually an environment variable), are compared in constant
+  time, a missing or unknown key is ``UNAUTHENTICATED`` and a key without the method's scope
+  is ``PERMISSION_DENIED``. Health and reflection stay open so probes need no key. With no
+  keys configured, authentication is off and the server says so loudly at start-up;
+* Prometheus metrics on ``/metrics``: ``rlhf_<component>_requests_total{method,code}``,
+  ``rlhf_<component>_request_duration_seconds{method,code}`` and
+  ``rlhf_<component>_requests_in_flight{method}``, next to whatever the service registers;
+* graceful shutdown on SIGTERM/SIGINT: health turns ``NOT_SERVING`` (load balancers stop
+  sending), in-flight calls get ``grace_s`` to finish (``server.stop(grace)``), then the
+  service's own stop hooks run (engines, Kafka producers).
+
+How a service plugs in (``services/<name>/server.py``)::
+
+    @dataclass(frozen=True)
+    class PolicyServerConfig:
+        runtime: RuntimeConfig = dataclasses.field(
+            default_factory=lambda: RuntimeConfig(port=50051, metrics_port=9101),
+            metadata={"help": "gRPC server, auth and metrics"})
+        ...
+
+    async def serve(config: PolicyServerConfig) -> None:
+        registry = CollectorRegistry()
+        runtime = ServerRuntime(config.runtime, registry, component="policy")
+
+        async def add_servicers(server: grpc.aio.Server) -> None:
+            engine = ...                                  # built inside the server's event loop
+            runtime.on_stop(engine.stop)                  # runs after in-flight calls drained
+            inference_pb2_grpc.add_InferenceServiceServicer_to_server(Servicer(engine), server)
+
+        # Keys: full service names (also registered for reflection); values: required scope.
+        await runtime.serve(add_servicers, {"rlhf.v1.InferenceService": Scope.INFER})
+
+    def main(argv: list[str]) -> int:
+        config = parse_config(PolicyServerConfig, argv, prog="rlhf serve policy", ...)
+        asyncio.run(serve(config))
+        return 0
+
+A per-method scope is given by the full method name instead (``"/rlhf.v1.AdminService/GetStatus"``),
+which wins over its service's entry. Tests and the in-process demo run the same code in a
+background thread: ``runtime.start_in_thread(add_servicers, services)`` returns once the server
+listens (``runtime.port`` / ``runtime.metrics_port`` are the bound ports, useful with port 0),
+and ``runtime.stop_in_thread()`` shuts it down gracefully.
+
+Clients send the key as ``authorization: Bearer <key>`` (or ``x-api-key: <key>``) metadata.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hmac
+import inspect
+import logging
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from rlhf.config import option
+
+log = logging.getLogger(__name__)
+
+
+class Scope(enum.StrEnum):
+    INFER = "infer"
+    FEEDBACK = "feedback"
+    ADMIN = "admin"
+
+
+# Probes and tooling must work without a key; they reveal nothing but liveness and the API shape.
+PUBLIC_SERVICES = (
+    health.SERVICE_NAME,
+    reflection.SERVICE_NAME,
+)
+
+# Request latency buckets from 1 ms (metadata-only calls) to 2 minutes (long generations).
+DURATION_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    host: str = option("0.0.0.0", "address the gRPC server binds to")
+    port: int = option(50051, "gRPC port (0 picks a free port)")
+    metrics_host: str = option("0.0.0.0", "address the Prometheus /metrics endpoint binds to")
+    metrics_port: int = option(9100, "Prometheus /metrics port (0 picks a free port, -1 disables)")
+    api_keys: str = option(
+        "",
+        "API keys inline, entries 'KEY SCOPE[,SCOPE]' separated by ';' or newlines "
+        "(scopes: infer, feedback, admin); usually set from the environment",
+    )
+    api_keys_file: str = option(
+        "", "file of API keys, one 'KEY SCOPE[,SCOPE]' per line, '#' starts a comment"
+    )
+    require_auth: bool = option(
+        False, "refuse to start when no API key is configured (instead of serving without auth)"
+    )
+    max_message_bytes: int = option(4 * 1024 * 1024, "largest gRPC message received or sent")
+    max_concurrent_rpcs: int = option(
+        0, "calls served at once before new ones get RESOURCE_EXHAUSTED (0: no limit)"
+    )
+    grace_s: float = option(10.0, "seconds in-flight calls get to finish on shutdown")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if not -1 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be in -1..65535, got {self.metrics_port}")
+        if self.max_message_bytes < 1024:
+            raise ValueError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
+        if self.max_concurrent_rpcs < 0:
+            raise ValueError(f"max_concurrent_rpcs must be >= 0, got {self.max_concurrent_rpcs}")
+        if self.grace_s < 0:
+            raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
+        parse_api_keys(self.api_keys, where="api_keys")  # fail at start-up, not at first call
+
+
+def parse_api_keys(text: str, *, where: str) -> dict[str, frozenset[Scope]]:
+    """Parses ``KEY SCOPE[,SCOPE]`` entries (newline- or ';'-separated) into key -> scopes."""
+    keys: dict[str, frozenset[Scope]] = {}
+    for lineno, raw in enumerate(text.replace(";", "\n").splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split(None, 1)
+        if len(parts) != 2:
+            raise ValueError(f"{where}: entry {lineno}: expected 'KEY SCOPE[,SCOPE]'")
+        key, scope_text = parts
+        scopes = set()
+        for name in scope_text.replace(" ", "").split(","):
+            try:
+                scopes.add(Scope(name))
+            except ValueError:
+                valid = ", ".join(s.value for s in Scope)
+                raise ValueError(
+                    f"{where}: entry {lineno}: unknown scope {name!r} (valid: {valid})"
+                ) from None
+        keys[key] = frozenset(scopes)
+    return keys
+
+
+class KeyStore:
+    """API keys and their scopes. ``lookup`` compares against every key in constant time."""
+
+    def __init__(self, keys: Mapping[str, Iterable[Scope]]) -> None:
+        self._keys = [(k.encode(), frozenset(v)) for k, v in keys.items()]
+
+    @classmethod
+    def from_config(cls, config: RuntimeConfig) -> KeyStore:
+        keys = parse_api_keys(config.api_keys, where="api_keys")
+        if config.api_keys_file:
+            text = Path(config.api_keys_file).read_text()
+            keys.update(parse_api_keys(text, where=str(config.api_keys_file)))
+        return cls(keys)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._keys)
+
+    def lookup(self, presented: str) -> frozenset[Scope] | None:
+        """The scopes of ``presented``, or None when it is no key of ours."""
+        given = presented.encode()
+        found: frozenset[Scope] | None = None
+        # No early exit: the time taken must not reveal which key (or how much of one) matched.
+        for key, scopes in self._keys:
+            if hmac.compare_digest(key, given):
+                found = scopes
+        return found
+
+
+def _presented_key(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
+    for name, value in metadata or ():
+        if isinstance(value, bytes):
+            continue
+        if name == "authorization" and value[:7].lower() == "bearer ":
+            return value[7:].strip()
+        if name == "x-api-key":
+            return value.strip()
+    return None
+
+
+class _Metrics:
+    def __init__(self, registry: CollectorRegistry, component: str) -> None:
+        prefix = f"rlhf_{component}"
+        self.requests = Counter(
+            f"{prefix}_requests_total",
+            "gRPC calls handled, by method and status code",
+            ["method", "code"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            f"{prefix}_request_duration_seconds",
+            "gRPC call duration from receipt to the last response byte, by method and status code",
+            ["method", "code"],
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            f"{prefix}_requests_in_flight",
+            "gRPC calls being handled",
+            ["method"],
+            registry=registry,
+        )
+
+
+class _Interceptor(grpc.aio.ServerInterceptor):
+    """Authenticates each call, then times it and counts it by final status code."""
+
+    def __init__(self, keys: KeyStore, scopes: Mapping[str, Scope], metrics: _Metrics) -> None:
+        self._keys = keys
+        self._scopes = scopes
+        self._metrics = metrics
+
+    def _required_scope(self, method: str) -> Scope | None:
+        """None for public services; unknown services need ``admin`` (deny by default)."""
+        service = method.lstrip("/").split("/", 1)[0]
+        if service in PUBLIC_SERVICES:
+            return None
+        return self._scopes.get(method, self._scopes.get(service, Scope.ADMIN))
+
+    def _check(self, method: str, metadata: Any) -> tuple[grpc.StatusCode, str] | None:
+        scope = self._required_scope(method)
+        if scope is None or not self._keys.enabled:
+            return None
+        presented = _presented_key(metadata)
+        if presented is None:
+            return (
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing API key: send metadata 'authorization: Bearer <key>'",
+            )
+        granted = self._keys.lookup(presented)
+        if granted is None:
+            return grpc.StatusCode.UNAUTHENTICATED, "invalid API key"
+        if scope not in granted:
+            return grpc.StatusCode.PERMISSION_DENIED, f"API key lacks scope '{scope.value}'"
+        return None
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        method = details.method
+        denial = self._check(method, details.invocation_metadata)
+        return _wrap(handler, method.lstrip("/"), denial, self._metrics)
+
+
+def _final_code(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:
+    if isinstance(error, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED.name
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if error is not None and not isinstance(error, grpc.aio.AbortError):
+        return grpc.StatusCode.UNKNOWN.name
+    return grpc.StatusCode.OK.name
+
+
+def _wrap(
+    handler: grpc.RpcMethodHandler,
+    method: str,
+    denial: tuple[grpc.StatusCode, str] | None,
+    metrics: _Metrics,
+) -> grpc.RpcMethodHandler:
+    """The same handler, refusing the call when ``denial`` is set and recording metrics."""
+
+    def record(
+        context: grpc.aio.ServicerContext, start: float, error: BaseException | None
+    ) -> None:
+        code = _final_code(context, error)
+        metrics.requests.labels(method, code).inc()
+        metrics.duration.labels(method, code).observe(time.perf_counter() - start)
+        metrics.in_flight.labels(method).dec()
+
+    def unary_response(behavior: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            start = time.perf_counter()
+            metrics.in_flight.labels(method).inc()
+            error: BaseException | None = None
+            try:
+                if denial is not None:
+                    await context.abort(*denial)
+                return await behavior(request, context)
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                record(context, start, error)
+
+        return call
+
+    def stream_response(behavior: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            start = time.perf_counter()
+            metrics.in_flight.labels(method).inc()
+            error: BaseException | None = None
+            try:
+                if denial is not None:
+                    await context.abort(*denial)
+                result = behavior(request, context)
+                if inspect.isasyncgen(result):
+                    async for item in result:
+                        yield item
+                else:  # a coroutine that writes with context.write()
+                    await result
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                record(context, start, error)
+
+        return call
+
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary_response(handler.unary_unary), **kwargs)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(stream_response(handler.unary_stream), **kwargs)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary_response(handler.stream_unary), **kwargs)
+    return grpc.stream_stream_rpc_method_handler(stream_response(handler.stream_stream), **kwargs)
+
+
+AddServicers = Callable[[grpc.aio.Server], Awaitable[None] | None]
+StopHook = Callable[[], Awaitable[None] | None]
+
+
+class ServerRuntime:
+    """A gRPC server with health, reflection, auth, metrics and graceful shutdown (see module doc)."""
+
+    def __init__(
+        self, config: RuntimeConfig, registry: CollectorRegistry, *, component: str
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self.component = component
+        self.keys = KeyStore.from_config(config)
+        if config.require_auth and not self.keys.enabled:
+            raise ValueError("require_auth is set but no API key is configured")
+        self._metrics = _Metrics(registry, component)
+        self._server: grpc.aio.Server | None = None
+        self._health: health.aio.HealthServicer | None = None
+        self._metrics_http: Any = None
+        self._stop_hooks: list[StopHook] = []
+        self._stop_requested: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+        self.port = 0
+        self.metrics_port = -1
+
+    def on_stop(self, hook: StopHook) -> None:
+        """Runs ``hook`` (sync or async) after in-flight calls drained; hooks run in reverse order."""
+        self._stop_hooks.append(hook)
+
+    async def start(self, add_servicers: AddServicers, services: Mapping[str, Scope]) -> None:
+        """Builds and starts the server. ``services``: full service or method name -> scope."""
+        cfg = self.config
+        self._loop = asyncio.get_running_loop()
+        self._stop_requested = asyncio.Event()
+        scopes = {name: Scope(scope) for name, scope in services.items()}
+        options = [
+            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.max_send_message_length", cfg.max_message_bytes),
+            # A restarted replica must be able to bind while the old socket is in TIME_WAIT,
+            # but two live servers on one port would split traffic unnoticed.
+            ("grpc.so_reuseport", 0),
+        ]
+        server = grpc.aio.server(
+            interceptors=[_Interceptor(self.keys, scopes, self._metrics)],
+            options=options,
+            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs or None,
+        )
+        result = add_servicers(server)
+        if inspect.isawaitable(result):
+            await result
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        service_names = sorted({name.lstrip("/").split("/", 1)[0] for name in scopes})
+        reflection.enable_server_reflection([*service_names, *PUBLIC_SERVICES], server)
+        try:
+            self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        except RuntimeError as exc:
+            raise OSError(f"cannot bind gRPC port {cfg.host}:{cfg.port} (in use?)") from exc
+        await server.start()
+        self._server = server
+        for name in service_names:
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if cfg.metrics_port >= 0:
+            self._metrics_http, _ = start_http_server(
+                cfg.metrics_port, addr=cfg.metrics_host, registry=self.registry
+            )
+            self.metrics_port = self._metrics_http.server_port
+        if not self.keys.enabled:
+            log.warning(
+                "\n%s\n!! %s server: NO API KEYS CONFIGURED - AUTHENTICATION IS OFF.\n"
+                "!! Anyone who can reach port %d can call every method.\n"
+                "!! Set api_keys / api_keys_file (and require_auth) before exposing it.\n%s",
+                "!" * 72,
+                self.component,
+                self.port,
+                "!" * 72,
+            )
+        log.info(
+            "%s server listening on %s:%d (metrics on %s), services: %s",
+            self.component,
+            cfg.host,
+            self.port,
+            f"port {self.metrics_port}" if self.metrics_port >= 0 else "off",
+            ", ".join(service_names),
+        )
+
+    def request_stop(self) -> None:
+        """Asks ``serve`` to shut down; safe to call from any thread or a signal handler."""
+        if self._loop is None or self._stop_requested is None:
+            return
+        self._loop.call_soon_threadsafe(self._stop_requested.set)
+
+    async def stop(self) -> None:
+        """Graceful shutdown: NOT_SERVING, drain for ``grace_s``, stop hooks, metrics endpoint."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            log.info("%s server draining (grace %.1fs)", self.component, self.config.grace_s)
+            await self._server.stop(self.config.grace_s)
+        for hook in reversed(self._stop_hooks):
+            try:
+                result = hook()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                log.exception("%s server: stop hook %r failed", self.component, hook)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+        log.info("%s server stopped", self.component)
+
+    async def serve(
+        self,
+        add_servicers: AddServicers,
+        services: Mapping[str, Scope],
+        *,
+        handle_signals: bool = True,
+        started: Callable[[], None] | None = None,
+    ) -> None:
+        """Starts, serves until SIGTERM/SIGINT (or ``request_stop``), then stops gracefully."""
+        try:
+            await self.start(add_servicers, services)
+            assert self._stop_requested is not None
+            loop = asyncio.get_running_loop()
+            if handle_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.add_signal_handler(sig, self._stop_requested.set)
+            if started is not None:
+                started()
+            await self._stop_requested.wait()
+            if handle_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+        finally:
+            await self.stop()
+
+    def start_in_thread(
+        self, add_servicers: AddServicers, services: Mapping[str, Scope], *, timeout_s: float = 60.0
+    ) -> None:
+        """Serves from a daemon thread with its own event loop; returns once listening."""
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                asyncio.run(
+                    self.serve(add_servicers, services, handle_signals=False, started=ready.set)
+                )
+            except BaseException as exc:
+                failure.append(exc)
+                log.exception("%s server thread failed", self.component)
+            finally:
+                ready.set()
+
+        self._thread = threading.Thread(target=run, name=f"{self.component}-server", daemon=True)
+        self._thread.start()
+        if not ready.wait(timeout_s):
+            raise TimeoutError(f"{self.component} server did not start within {timeout_s}s")
+        if failure:
+            raise RuntimeError(f"{self.component} server failed to start") from failure[0]
+
+    def stop_in_thread(self, timeout_s: float | None = None) -> None:
+        """Stops a server started with ``start_in_thread`` and waits for its thread."""
+        self.request_stop()
+        if self._thread is not None:
+            wait = self.config.grace_s + 30.0 if timeout_s is None else timeout_s
+            self._thread.join(wait)
+            if self._thread.is_alive():
+                raise TimeoutError(f"{self.component} server did not stop within {wait}s")

@@ -1,0 +1,414 @@
+"""``rlhf serve policy``: the InferenceService gRPC server (auth scope ``infer``).
+
+The servicer validates a request, converts it to plain values, hands it to the batching
+engine (``engine.py``) and converts the engine's events back to protos. After a response is
+complete, the served generation goes to the publisher (``publisher.py``), which sends it to
+Kafka in the background.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import torch
+from prometheus_client import CollectorRegistry
+
+from rlhf import bus
+from rlhf.config import parse_config
+from rlhf.runtime import Scope, ServerRuntime
+from rlhf.v1 import events_pb2, inference_pb2, inference_pb2_grpc
+
+# The gateway's split function: one definition, so a user lands in the same split everywhere.
+from services.feedback.split import split_for_user
+from services.policy import versions
+from services.policy.config import LimitsConfig, PolicyServerConfig
+from services.policy.engine import (
+    Engine,
+    EngineStopped,
+    FinishReason,
+    Generation,
+    GenerationFailed,
+    LoadedPolicy,
+    QueueFull,
+    SampleDone,
+    TokenEvent,
+)
+from services.policy.publisher import GenerationPublisher
+from services.policy.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+SERVICES = {"rlhf.v1.InferenceService": Scope.INFER}
+MAX_ID_CHARS = 256
+# Prompts longer than this are tokenised off the event loop so they cannot stall other calls.
+INLINE_TOKENIZE_CHARS = 8192
+
+_FINISH = {
+    FinishReason.LENGTH: inference_pb2.FINISH_REASON_LENGTH,
+    FinishReason.EOS_TOKEN: inference_pb2.FINISH_REASON_EOS_TOKEN,
+    FinishReason.STOP_SEQUENCE: inference_pb2.FINISH_REASON_STOP_SEQUENCE,
+}
+_FAILED = {
+    "deadline": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "stopped": grpc.StatusCode.UNAVAILABLE,
+    "internal": grpc.StatusCode.INTERNAL,
+}
+
+
+class BadRequest(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def sampling_params(request: inference_pb2.GenerateRequest, limits: LimitsConfig) -> SamplingParams:
+    """The request's parameters with server defaults applied; BadRequest names a bad field."""
+    p = request.parameters
+
+    def invalid(message: str) -> BadRequest:
+        return BadRequest(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+    if p.HasField("temperature") and not (p.temperature > 0 and math.isfinite(p.temperature)):
+        raise invalid(f"parameters.temperature must be > 0, got {p.temperature:g}")
+    if p.HasField("top_p") and not 0 < p.top_p <= 1:
+        raise invalid(f"parameters.top_p must be in (0, 1], got {p.top_p:g}")
+    if p.HasField("repetition_penalty") and not (
+        p.repetition_penalty > 0 and math.isfinite(p.repetition_penalty)
+    ):
+        raise invalid(f"parameters.repetition_penalty must be > 0, got {p.repetition_penalty:g}")
+    max_new = p.max_new_tokens if p.HasField("max_new_tokens") else limits.default_max_new_tokens
+    if not 1 <= max_new <= limits.max_new_tokens:
+        raise invalid(
+            f"parameters.max_new_tokens must be in 1..{limits.max_new_tokens}, got {max_new}"
+        )
+    if len(p.stop) > limits.max_stop_sequences:
+        raise invalid(
+            f"parameters.stop has {len(p.stop)} entries, the limit is {limits.max_stop_sequences}"
+        )
+    for s in p.stop:
+        if not s or len(s) > limits.max_stop_chars:
+            raise invalid(f"parameters.stop entries must be 1..{limits.max_stop_chars} characters")
+    # TGI: asking for a temperature, top_p or top_k means asking for sampling.
+    do_sample = (
+        p.do_sample
+        or p.HasField("temperature")
+        or p.HasField("top_p")
+        or (p.HasField("top_k") and p.top_k > 0)
+    )
+    return SamplingParams(
+        do_sample=do_sample,
+        temperature=p.temperature if p.HasField("temperature") else 1.0,
+        top_p=p.top_p if p.HasField("top_p") else 1.0,
+        top_k=p.top_k if p.HasField("top_k") else 0,
+        repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else 1.0,
+        max_new_tokens=max_new,
+        stop=tuple(p.stop),
+        seed=p.seed if p.HasField("seed") else None,
+    )
+
+
+def _effective_parameters(params: SamplingParams) -> inference_pb2.GenerationParameters:
+    out = inference_pb2.GenerationParameters(
+        do_sample=params.do_sample,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        max_new_tokens=params.max_new_tokens,
+        stop=list(params.stop),
+        repetition_penalty=params.repetition_penalty,
+    )
+    if params.seed is not None:
+        out.seed = params.seed
+    return out
+
+
+@dataclass
+class _Call:
+    """One accepted request: what the engine runs and what the response and event need."""
+
+    request_id: str
+    request: inference_pb2.GenerateRequest
+    params: SamplingParams
+    gen: Generation
+    generation_ids: list[str]
+
+    @property
+    def policy(self) -> LoadedPolicy:
+        return self.gen.policy
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
+    def __init__(
+        self,
+        engine: Engine,
+        policies: versions.ResidentPolicies,
+        limits: LimitsConfig,
+        publisher: GenerationPublisher | None,
+        split_fractions: tuple[float, float] = (0.05, 0.05),
+    ) -> None:
+        self._engine = engine
+        self._policies = policies
+        self._limits = limits
+        self._publisher = publisher
+        self._split_fractions = split_fractions  # (validation, test)
+
+    async def _start(
+        self,
+        request: inference_pb2.GenerateRequest,
+        context: grpc.aio.ServicerContext,
+        *,
+        stream: bool,
+    ) -> _Call:
+        if not request.prompt:
+            raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT, "prompt must not be empty")
+        n = request.n or 1
+        if not 1 <= n <= self._limits.max_n:
+            raise BadRequest(
+                grpc.StatusCode.INVALID_ARGUMENT, f"n must be in 1..{self._limits.max_n}, got {n}"
+            )
+        for name in ("user_id", "request_id", "model_version"):
+            if len(getattr(request, name)) > MAX_ID_CHARS:
+                raise BadRequest(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"{name} is over {MAX_ID_CHARS} characters"
+                )
+        params = sampling_params(request, self._limits)
+        if request.model_version:
+            policy = self._policies.get(request.model_version)
+            if policy is None:
+                raise BadRequest(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"model_version {request.model_version!r} is not served here "
+                    f"(resident: {', '.join(self._policies.versions())})",
+                )
+        else:
+            policy = self._policies.serving()
+        prompt_ids = await self._tokenize(policy, request.prompt)
+        if len(prompt_ids) > self._limits.max_input_tokens:
+            raise BadRequest(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"prompt is {len(prompt_ids)} tokens, over the limit of {self._limits.max_input_tokens}",
+            )
+        max_positions = getattr(policy.model.config, "max_position_embeddings", None)
+        if max_positions and len(prompt_ids) + params.max_new_tokens > max_positions:
+            raise BadRequest(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"prompt ({len(prompt_ids)} tokens) + parameters.max_new_tokens ({params.max_new_tokens}) "
+                f"exceeds the model's context of {max_positions}",
+            )
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        try:
+            gen = self._engine.submit(
+                policy,
+                prompt_ids,
+                params,
+                n,
+                deadline,
+                stream=stream,
+                token_texts=request.return_logprobs,
+            )
+        except QueueFull as exc:
+            raise BadRequest(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy: {exc}") from exc
+        except EngineStopped as exc:
+            raise BadRequest(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
+        request_id = request.request_id or uuid.uuid4().hex
+        return _Call(request_id, request, params, gen, [uuid.uuid4().hex for _ in range(n)])
+
+    @staticmethod
+    async def _tokenize(policy: LoadedPolicy, prompt: str) -> list[int]:
+        def encode() -> list[int]:
+            return list(policy.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+        if len(prompt) <= INLINE_TOKENIZE_CHARS:
+            return encode()
+        return await asyncio.to_thread(encode)
+
+    def _sample(self, call: _Call, done: SampleDone) -> inference_pb2.Sample:
+        sample = inference_pb2.Sample(
+            generation_id=call.generation_ids[done.index],
+            index=done.index,
+            text=done.text,
+            finish_reason=_FINISH[done.finish_reason],
+            generated_tokens=len(done.token_ids),
+        )
+        if call.request.return_logprobs:
+            sample.tokens.extend(
+                inference_pb2.Token(id=t, text=text, logprob=lp)
+                for t, text, lp in zip(done.token_ids, done.token_texts, done.logprobs, strict=True)
+            )
+        return sample
+
+    def _publish(self, call: _Call, samples: list[SampleDone]) -> None:
+        if self._publisher is None:
+            return
+        event = events_pb2.ServedGeneration(
+            event_id=uuid.uuid4().hex,
+            created_at_ms=int(time.time() * 1000),
+            request_id=call.request_id,
+            prompt=call.request.prompt,
+            parameters=_effective_parameters(call.params),
+            model_version=call.policy.version,
+            user_id=call.request.user_id,
+            split=split_for_user(call.request.user_id, *self._split_fractions),
+            samples=[
+                events_pb2.GeneratedSample(
+                    generation_id=call.generation_ids[s.index],
+                    text=s.text,
+                    finish_reason=_FINISH[s.finish_reason],
+                    token_ids=s.token_ids,
+                    logprobs=s.logprobs,
+                )
+                for s in samples
+            ],
+        )
+        self._publisher.publish(event)
+
+    async def Generate(
+        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.GenerateResponse:
+        try:
+            call = await self._start(request, context, stream=False)
+        except BadRequest as bad:
+            await context.abort(bad.code, bad.message)
+            raise  # unreachable: abort raises
+        try:
+            samples = await call.gen.result()
+        except GenerationFailed as failed:
+            await context.abort(_FAILED[failed.reason], str(failed))
+            raise
+        except BaseException:
+            call.gen.cancel()  # the client went away or its deadline passed
+            raise
+        self._publish(call, samples)
+        return inference_pb2.GenerateResponse(
+            request_id=call.request_id,
+            model_version=call.policy.version,
+            prompt_tokens=len(call.gen.prompt_ids),
+            samples=[self._sample(call, s) for s in samples],
+        )
+
+    async def GenerateStream(
+        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
+        try:
+            call = await self._start(request, context, stream=True)
+        except BadRequest as bad:
+            await context.abort(bad.code, bad.message)
+            raise
+        samples: list[SampleDone] = []
+        logprobs = call.request.return_logprobs
+        try:
+            event: TokenEvent
+            async for event in call.gen.events():
+                message = inference_pb2.GenerateStreamResponse(
+                    request_id=call.request_id,
+                    model_version=call.policy.version,
+                    index=event.index,
+                    token=inference_pb2.Token(
+                        id=event.token_id,
+                        text=event.text,
+                        logprob=event.logprob if logprobs else None,
+                    ),
+                )
+                if event.done is not None:
+                    samples.append(event.done)
+                    message.finished.CopyFrom(self._sample(call, event.done))
+                yield message
+        except GenerationFailed as failed:
+            await context.abort(_FAILED[failed.reason], str(failed))
+        except BaseException:
+            call.gen.cancel()
+            raise
+        self._publish(call, sorted(samples, key=lambda s: s.index))
+
+
+class PolicyServer:
+    """The policy server's parts, wired explicitly: model, engine, publisher, gRPC runtime."""
+
+    def __init__(
+        self,
+        config: PolicyServerConfig,
+        registry: CollectorRegistry,
+        policy: LoadedPolicy | None = None,
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self.runtime = ServerRuntime(config.runtime, registry, component="policy")
+        self.policies = versions.ResidentPolicies(policy or versions.load(config.model), registry)
+        self.engine: Engine | None = None
+        self.publisher: GenerationPublisher | None = None
+
+    async def add_servicers(self, server: grpc.aio.Server) -> None:
+        cfg = self.config
+        pub = cfg.publish
+        if pub.bootstrap_servers:
+            producer = bus.Producer(
+                pub.bootstrap_servers, client_id="rlhf-policy", registry=self.registry
+            )
+            publisher = GenerationPublisher(
+                producer,
+                self.registry,
+                buffer_size=pub.buffer_size,
+                batch_size=pub.batch_size,
+                ack_timeout_s=pub.ack_timeout_s,
+                max_backoff_s=pub.max_backoff_s,
+            )
+            self.publisher = publisher
+            self.runtime.on_stop(lambda: asyncio.to_thread(publisher.close, pub.close_timeout_s))
+        else:
+            log.warning(
+                "publish.bootstrap_servers is empty: served generations are NOT published to Kafka"
+            )
+        engine = Engine(
+            self.registry,
+            max_batch_size=cfg.engine.max_batch_size,
+            max_queue=cfg.engine.max_queue,
+            max_prefill_tokens=cfg.engine.max_prefill_tokens,
+        )
+        self.engine = engine
+        # Registered last, so it runs first: the engine stops before the publisher flushes.
+        self.runtime.on_stop(lambda: asyncio.to_thread(engine.stop))
+        servicer = InferenceServicer(
+            engine,
+            self.policies,
+            cfg.limits,
+            self.publisher,
+            (pub.validation_fraction, pub.test_fraction),
+        )
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
+
+    async def serve(self) -> None:
+        await self.runtime.serve(self.add_servicers, SERVICES)
+
+    def start_in_thread(self) -> None:
+        self.runtime.start_in_thread(self.add_servicers, SERVICES)
+
+    def stop_in_thread(self) -> None:
+        self.runtime.stop_in_thread()
+
+
+def main(argv: list[str]) -> int:
+    config = parse_config(
+        PolicyServerConfig,
+        argv,
+        prog="rlhf serve policy",
+        description="Serve a policy over gRPC (InferenceService) with continuous batching; "
+        "every served generation is published to Kafka topic rlhf.prompts.",
+        env_prefix="RLHF_POLICY_",
+    )
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if config.engine.torch_threads:
+        torch.set_num_threads(config.engine.torch_threads)
+    server = PolicyServer(config, CollectorRegistry())
+    asyncio.run(server.serve())
+    return 0

@@ -1,0 +1,72 @@
+"""Configuration of the reward server (``rlhf serve reward``); env prefix ``RLHF_REWARD_``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rlhf.config import option, section
+from rlhf.runtime import RuntimeConfig
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = option(
+        "",
+        "reward model directory (written by RewardModel.save, or a registry checkpoint); "
+        "empty: the latest reward version in --model.registry",
+    )
+    registry: str = option("", "checkpoint registry; used when --model.path is empty")
+    version: str = option(
+        "",
+        "version name to report; empty: the checkpoint manifest's version, else the directory name",
+    )
+    device: str = option("auto", "torch device: auto (cuda when available), cpu, cuda, cuda:1 ...")
+    dtype: str = option(
+        "auto", f"trunk dtype: {', '.join(DTYPES)} (auto: bf16 on GPU, fp32 on CPU)"
+    )
+
+    def __post_init__(self) -> None:
+        if not self.path and not self.registry:
+            raise ValueError("set --model.path or --model.registry")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_responses: int = option(64, "most responses scored in one request")
+    max_prompt_tokens: int = option(1024, "longest prompt accepted, in tokens")
+    max_response_tokens: int = option(1024, "longest response accepted, in tokens (EOS included)")
+
+    def __post_init__(self) -> None:
+        if min(self.max_responses, self.max_prompt_tokens, self.max_response_tokens) < 1:
+            raise ValueError("limits must be >= 1")
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    max_batch_pairs: int = option(64, "(prompt, response) pairs scored in one forward pass")
+    max_queue: int = option(256, "requests waiting to be scored before RESOURCE_EXHAUSTED")
+    torch_threads: int = option(0, "torch CPU threads (0: torch's default)")
+
+    def __post_init__(self) -> None:
+        if self.max_batch_pairs < 1 or self.max_queue < 1:
+            raise ValueError("batch.max_batch_pairs and batch.max_queue must be >= 1")
+
+
+@dataclass(frozen=True)
+class RewardRuntimeConfig(RuntimeConfig):
+    # A subclass rather than a default_factory: parse_config builds nested sections from their
+    # class defaults, so the service's own ports must be the class's defaults.
+    port: int = option(50052, "gRPC port (0 picks a free port)")
+    metrics_port: int = option(9102, "Prometheus /metrics port (0 picks a free port, -1 disables)")
+
+
+@dataclass(frozen=True)
+class RewardServerConfig:
+    model: ModelConfig = section(ModelConfig, "the reward model to serve")
+    limits: LimitsConfig = section(LimitsConfig, "request limits")
+    batch: BatchConfig = section(BatchConfig, "batched scoring")
+    runtime: RewardRuntimeConfig = section(RewardRuntimeConfig, "gRPC server, auth and metrics")

@@ -1,0 +1,284 @@
+"""The batching engine on tiny real models: what it generates must be what the model says,
+whatever else shares the batch."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from rlhf.models import build_tiny, load_policy
+from services.policy.engine import (
+    Engine,
+    FinishReason,
+    GenerationFailed,
+    LoadedPolicy,
+    QueueFull,
+    SampleDone,
+)
+from services.policy.sampling import Detokenizer, RowState, SamplingParams, select_tokens
+
+
+@pytest.fixture(scope="module")
+def policies(tmp_path_factory: pytest.TempPathFactory) -> tuple[LoadedPolicy, LoadedPolicy]:
+    root = tmp_path_factory.mktemp("models")
+    out = []
+    for seed in (0, 1):
+        model, tok = load_policy(build_tiny(root / f"v{seed}", seed=seed))
+        out.append(LoadedPolicy.of(model, tok, f"v{seed}"))
+    return out[0], out[1]
+
+
+def ids(policy: LoadedPolicy, text: str) -> list[int]:
+    return list(policy.tokenizer(text)["input_ids"])
+
+
+def teacher_forced_logprobs(
+    policy: LoadedPolicy, prompt: list[int], tokens: tuple[int, ...]
+) -> torch.Tensor:
+    """log p(token_t | prompt, tokens_<t) from one plain forward pass without any cache."""
+    full = torch.tensor([prompt + list(tokens)])
+    with torch.inference_mode():
+        logits = (
+            policy.model(input_ids=full, attention_mask=torch.ones_like(full)).logits[0].float()
+        )
+    logprobs = torch.log_softmax(logits, dim=-1)
+    positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(tokens))
+    return logprobs[positions, torch.tensor(tokens)]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def _generate(
+    engine: Engine, policy: LoadedPolicy, prompt: str, params: SamplingParams, n: int = 1
+):
+    return await engine.submit(policy, ids(policy, prompt), params, n).result()
+
+
+def test_concurrent_requests_match_the_model(policies) -> None:
+    """Requests of different lengths join a running batch mid-flight; every token's reported
+    logprob equals the plain model's on the same prefix, so caches were joined, padded and
+    trimmed correctly. Two policy versions decode side by side."""
+    v0, v1 = policies
+    engine = Engine(CollectorRegistry(), max_batch_size=16)
+    cases = [
+        (v0, "a", SamplingParams(max_new_tokens=24), 1),
+        (
+            v0,
+            "the quick brown fox jumps over",
+            SamplingParams(do_sample=True, seed=1, max_new_tokens=16),
+            3,
+        ),
+        (
+            v1,
+            "hello there",
+            SamplingParams(do_sample=True, temperature=0.7, top_p=0.9, seed=2, max_new_tokens=20),
+            2,
+        ),
+        (
+            v0,
+            "xyz",
+            SamplingParams(
+                do_sample=True, top_k=5, repetition_penalty=1.3, seed=3, max_new_tokens=8
+            ),
+            1,
+        ),
+        (
+            v1,
+            "a much longer prompt than all the others in this batch",
+            SamplingParams(max_new_tokens=12),
+            2,
+        ),
+    ]
+
+    async def main():
+        gens = []
+        for policy, prompt, params, n in cases:
+            gens.append(engine.submit(policy, ids(policy, prompt), params, n))
+            await asyncio.sleep(0.005)  # lets the earlier requests start decoding first
+        return [await g.result() for g in gens]
+
+    try:
+        results = run(main())
+    finally:
+        engine.stop()
+    for (policy, prompt, params, n), samples in zip(cases, results, strict=True):
+        assert [s.index for s in samples] == list(range(n))
+        for s in samples:
+            assert s.finish_reason is FinishReason.LENGTH
+            assert len(s.token_ids) == params.max_new_tokens
+            want = teacher_forced_logprobs(policy, ids(policy, prompt), s.token_ids)
+            torch.testing.assert_close(torch.tensor(s.logprobs), want, atol=1e-4, rtol=1e-4)
+            assert s.text == policy.tokenizer.decode(s.token_ids, skip_special_tokens=True)
+    # Greedy decoding picks the model's argmax at every step.
+    greedy = results[0][0]
+    lp = teacher_forced_logprobs(v0, ids(v0, "a"), greedy.token_ids)
+    full = torch.tensor([ids(v0, "a") + list(greedy.token_ids)])
+    with torch.inference_mode():
+        argmax = v0.model(input_ids=full).logits[0, :-1].argmax(-1)[len(ids(v0, "a")) - 1 :]
+    assert argmax.tolist() == list(greedy.token_ids)
+    assert lp.shape[0] == 24
+    # n samples of one seeded request differ from each other.
+    assert len({s.token_ids for s in results[1]}) == 3
+
+
+def test_seed_reproduces_whatever_shares_the_batch(policies) -> None:
+    v0, _ = policies
+    params = SamplingParams(do_sample=True, temperature=1.0, seed=1234, max_new_tokens=16)
+    engine = Engine(CollectorRegistry(), max_batch_size=16)
+
+    async def alone():
+        return await _generate(engine, v0, "seeded prompt", params, n=2)
+
+    async def crowded():
+        others = [
+            engine.submit(
+                v0,
+                ids(v0, f"other prompt {i} " * (i + 1)),
+                SamplingParams(do_sample=True, max_new_tokens=20),
+            )
+            for i in range(4)
+        ]
+        mine = engine.submit(v0, ids(v0, "seeded prompt"), params, 2)
+        result = await mine.result()
+        for g in others:
+            await g.result()
+        return result
+
+    try:
+        first, second = run(alone()), run(crowded())
+        other_seed = run(
+            _generate(engine, v0, "seeded prompt", dataclasses.replace(params, seed=99), n=2)
+        )
+    finally:
+        engine.stop()
+    assert [s.token_ids for s in first] == [s.token_ids for s in second]
+    assert [s.token_ids for s in first] != [s.token_ids for s in other_seed]
+
+
+def test_finish_reasons_eos_and_stop(policies) -> None:
+    v0, _ = policies
+    engine = Engine(CollectorRegistry())
+    try:
+        free = run(_generate(engine, v0, "stop here", SamplingParams(max_new_tokens=12)))[0]
+        # Declaring the model's first greedy token an end-of-sequence token ends the sample
+        # there: the token is kept (training sees the end), the text is empty.
+        eos_policy = dataclasses.replace(v0, eos_token_ids=frozenset({free.token_ids[2]}))
+        ended = run(_generate(engine, eos_policy, "stop here", SamplingParams(max_new_tokens=12)))[
+            0
+        ]
+        stop = free.text[1:3]
+        stopped = run(
+            _generate(engine, v0, "stop here", SamplingParams(max_new_tokens=12, stop=(stop,)))
+        )[0]
+    finally:
+        engine.stop()
+    assert free.finish_reason is FinishReason.LENGTH
+    assert ended.finish_reason is FinishReason.EOS_TOKEN
+    assert ended.token_ids == free.token_ids[: len(ended.token_ids)]
+    assert ended.token_ids[-1] == free.token_ids[2]
+    assert ended.text == v0.tokenizer.decode(ended.token_ids[:-1], skip_special_tokens=True)
+    assert stopped.finish_reason is FinishReason.STOP_SEQUENCE
+    assert stopped.text.endswith(stop) and stop not in stopped.text[:-1]
+    assert len(stopped.token_ids) < 12
+
+
+def test_cancel_and_deadline_stop_generation(policies) -> None:
+    v0, _ = policies
+    engine = Engine(CollectorRegistry())
+    long = SamplingParams(max_new_tokens=1500)  # greedy: this model never picks EOS
+
+    async def cancel_after_first_token() -> None:
+        gen = engine.submit(v0, ids(v0, "cancel me"), long, 2, stream=True)
+        async for _ in gen.events():
+            break
+        gen.cancel()
+
+    async def expire() -> list[SampleDone]:
+        gen = engine.submit(v0, ids(v0, "too slow"), long, 1, deadline=time.monotonic() + 0.2)
+        return await gen.result()
+
+    try:
+        run(cancel_after_first_token())
+        assert engine.wait_idle(10)
+        with pytest.raises(GenerationFailed) as failed:
+            run(expire())
+        assert failed.value.reason == "deadline"
+        assert engine.wait_idle(10)
+        # Neither request ran to its max_new_tokens (3 samples x 1500 tokens).
+        assert engine.metrics.generated._value.get() < 1500
+        assert engine.metrics.aborted.labels("cancelled")._value.get() == 1
+        assert engine.metrics.aborted.labels("deadline")._value.get() == 1
+    finally:
+        engine.stop()
+
+
+def test_queue_bound(policies) -> None:
+    v0, _ = policies
+    engine = Engine(CollectorRegistry(), max_batch_size=1, max_queue=2)
+
+    async def main():
+        long = SamplingParams(max_new_tokens=1500)
+        first = engine.submit(v0, ids(v0, "q"), long, stream=True)
+        async for _ in first.events():
+            break  # it runs now and holds the only batch slot
+        queued = [engine.submit(v0, ids(v0, "q"), long) for _ in range(2)]
+        with pytest.raises(QueueFull):
+            engine.submit(v0, ids(v0, "q"), long)
+        for g in [first, *queued]:
+            g.cancel()
+
+    try:
+        run(main())
+        assert engine.wait_idle(10)
+    finally:
+        engine.stop()
+
+
+def test_select_tokens_truncation() -> None:
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]] * 3)
+    g = [torch.Generator().manual_seed(i) for i in range(3)]
+    rows = [
+        RowState(SamplingParams(do_sample=True, top_k=1), g[0], []),
+        RowState(SamplingParams(do_sample=True, top_p=0.01), g[1], []),
+        # Repetition penalty 4 turns token 1's logit 3 into 0.75, below token 3's 2.
+        RowState(SamplingParams(repetition_penalty=4.0), None, [1]),
+    ]
+    tokens, logprobs = select_tokens(logits, rows)
+    assert tokens == [1, 1, 3]
+    expected = torch.log_softmax(logits[0], dim=-1)
+    assert logprobs == pytest.approx([expected[1].item(), expected[1].item(), expected[3].item()])
+
+
+def test_detokenizer_holds_back_split_characters(policies) -> None:
+    v0, _ = policies
+    text = "né 🙂"
+    detok = Detokenizer(v0.tokenizer)
+    deltas = [detok.push(t) for t in v0.tokenizer(text, add_special_tokens=False)["input_ids"]]
+    assert "".join(deltas) == text
+    assert "\ufffd" not in "".join(deltas)
+    assert deltas[1] == "" and deltas[2] == "é"  # 'é' is two bytes
+
+
+def test_sampling_follows_the_distribution() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    probs = torch.softmax(logits[0], dim=-1)
+    generator = torch.Generator().manual_seed(0)
+    full = RowState(SamplingParams(do_sample=True), generator, [])
+    top2 = RowState(SamplingParams(do_sample=True, top_k=2), generator, [])
+    draws = 4000
+    counts = torch.zeros(4)
+    truncated = torch.zeros(4)
+    for _ in range(draws):
+        counts[select_tokens(logits, [full])[0][0]] += 1
+        truncated[select_tokens(logits, [top2])[0][0]] += 1
+    torch.testing.assert_close(counts / draws, probs, atol=0.03, rtol=0)
+    assert truncated[2:].sum() == 0  # outside top_k: never drawn
+    want = probs[:2] / probs[:2].sum()
+    torch.testing.assert_close(truncated[:2] / draws, want, atol=0.03, rtol=0)

@@ -1,0 +1,232 @@
+"""The reward server over real gRPC on localhost, on a tiny reward model saved to disk."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
+
+from rlhf.kafka_local import free_port
+from rlhf.models import build_tiny, load_reward_model, reward_model_from_policy, score
+from rlhf.v1 import reward_pb2, reward_pb2_grpc
+from services.reward.config import (
+    BatchConfig,
+    LimitsConfig,
+    ModelConfig,
+    RewardRuntimeConfig,
+    RewardServerConfig,
+)
+from services.reward.server import RewardServer
+
+INFER = [("authorization", "Bearer rm-infer")]
+BIAS = 0.25
+
+
+@pytest.fixture(scope="module")
+def rm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("reward")
+    rm, tok = reward_model_from_policy(build_tiny(root / "policy", seed=0))
+    # A trained head would not be zero; a seeded random one makes rewards differ per text.
+    with torch.no_grad():
+        rm.head.weight.copy_(
+            torch.randn(rm.head.weight.shape, generator=torch.Generator().manual_seed(0))
+        )
+        rm.bias.fill_(BIAS)
+    return rm.save(root / "rm-v7", tok)
+
+
+@pytest.fixture(scope="module")
+def server(rm_dir: Path) -> Iterator[RewardServer]:
+    config = RewardServerConfig(
+        model=ModelConfig(path=str(rm_dir), device="cpu"),
+        limits=LimitsConfig(max_responses=16, max_prompt_tokens=64, max_response_tokens=64),
+        batch=BatchConfig(max_batch_pairs=32),
+        runtime=RewardRuntimeConfig(
+            host="127.0.0.1",
+            port=0,
+            metrics_host="127.0.0.1",
+            metrics_port=0,
+            api_keys="rm-infer infer; rm-feedback feedback",
+            max_message_bytes=128 * 1024,
+        ),
+    )
+    srv = RewardServer(config, CollectorRegistry())
+    srv.start_in_thread()
+    yield srv
+    srv.stop_in_thread()
+
+
+@pytest.fixture(scope="module")
+def stub(server: RewardServer) -> Iterator[reward_pb2_grpc.RewardServiceStub]:
+    with grpc.insecure_channel(f"127.0.0.1:{server.runtime.port}") as channel:
+        yield reward_pb2_grpc.RewardServiceStub(channel)
+
+
+def test_scores_match_training_encoding(stub, rm_dir: Path) -> None:
+    responses = [
+        "a helpful answer",
+        "",
+        "no",
+        "a much longer answer than the others, with more words",
+    ]
+    reply = stub.Score(
+        reward_pb2.ScoreRequest(prompt="question?", responses=responses), metadata=INFER, timeout=30
+    )
+    assert reply.model_version == "rm-v7"
+    model, tok = load_reward_model(rm_dir)
+    want = score(model, tok, ["question?"] * len(responses), responses)
+    torch.testing.assert_close(torch.tensor(list(reply.rewards)), want, atol=1e-5, rtol=1e-5)
+    assert len(set(reply.rewards)) == len(responses)
+    # The normalised reward is the raw score plus the saved bias.
+    raw = score(model, tok, ["question?"], responses[:1]) - model.bias
+    assert reply.rewards[0] == pytest.approx(float(raw[0]) + BIAS, abs=1e-5)
+
+
+def test_concurrent_requests_are_batched_and_correct(
+    server: RewardServer, stub, rm_dir: Path
+) -> None:
+    model, tok = load_reward_model(rm_dir)
+    requests = [
+        reward_pb2.ScoreRequest(prompt=f"prompt {i}", responses=[f"r{i}", f"s{i}" * i])
+        for i in range(12)
+    ]
+    futures = [stub.Score.future(r, metadata=INFER, timeout=30) for r in requests]
+    for request, future in zip(requests, futures, strict=True):
+        got = torch.tensor(list(future.result().rewards))
+        want = score(model, tok, [request.prompt] * 2, list(request.responses))
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert server.scorer is not None
+    assert server.scorer.metrics.scored._value.get() >= 24
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "metadata", "code", "field"),
+    [
+        ({"prompt": "", "responses": ["x"]}, INFER, grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+        ({"prompt": "p", "responses": []}, INFER, grpc.StatusCode.INVALID_ARGUMENT, "responses"),
+        (
+            {"prompt": "p", "responses": ["x"] * 17},
+            INFER,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "responses",
+        ),
+        (
+            {"prompt": "p" * 100, "responses": ["x"]},
+            INFER,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "prompt",
+        ),
+        (
+            {"prompt": "p", "responses": ["ok", "x" * 100]},
+            INFER,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "responses[1]",
+        ),
+        (
+            {"prompt": "p", "responses": ["x"], "model_version": "rm-v0"},
+            INFER,
+            grpc.StatusCode.NOT_FOUND,
+            "model_version",
+        ),
+        (
+            {"prompt": "p", "responses": ["x" * 200_000]},
+            INFER,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "larger than max",
+        ),
+        (
+            {"prompt": "p", "responses": ["x"]},
+            None,
+            grpc.StatusCode.UNAUTHENTICATED,
+            "missing API key",
+        ),
+        (
+            {"prompt": "p", "responses": ["x"]},
+            [("authorization", "Bearer nope")],
+            grpc.StatusCode.UNAUTHENTICATED,
+            "invalid",
+        ),
+        (
+            {"prompt": "p", "responses": ["x"]},
+            [("x-api-key", "rm-feedback")],
+            grpc.StatusCode.PERMISSION_DENIED,
+            "infer",
+        ),
+    ],
+)
+def test_bad_input(stub, kwargs, metadata, code, field) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Score(reward_pb2.ScoreRequest(**kwargs), metadata=metadata, timeout=30)
+    assert err.value.code() == code
+    assert field in err.value.details()
+    ok = stub.Score(
+        reward_pb2.ScoreRequest(prompt="p", responses=["x"]), metadata=INFER, timeout=30
+    )
+    assert len(ok.rewards) == 1
+
+
+def test_health_and_metrics(server: RewardServer, stub) -> None:
+    stub.Score(
+        reward_pb2.ScoreRequest(prompt="p", responses=["x", "y"]), metadata=INFER, timeout=30
+    )
+    with grpc.insecure_channel(f"127.0.0.1:{server.runtime.port}") as channel:
+        check = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="rlhf.v1.RewardService"), timeout=10
+        )
+        assert check.status == health_pb2.HealthCheckResponse.SERVING
+    body = (
+        urllib.request.urlopen(
+            f"http://127.0.0.1:{server.runtime.metrics_port}/metrics", timeout=10
+        )
+        .read()
+        .decode()
+    )
+    for line in [
+        'rlhf_reward_requests_total{code="OK",method="rlhf.v1.RewardService/Score"}',
+        'rlhf_reward_requests_total{code="INVALID_ARGUMENT",method="rlhf.v1.RewardService/Score"}',
+        "rlhf_reward_batch_size_bucket",
+        "rlhf_reward_scored_total",
+        "rlhf_reward_value_bucket",
+        'rlhf_reward_model_info{version="rm-v7"} 1.0',
+    ]:
+        assert line in body, line
+
+
+def test_cli_serves_and_stops_on_sigterm(rm_dir: Path) -> None:
+    port = free_port()
+    env = dict(
+        os.environ, RLHF_REWARD_MODEL__PATH=str(rm_dir), RLHF_REWARD_RUNTIME__HOST="127.0.0.1"
+    )
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    argv = ["--runtime.port", str(port), "--runtime.metrics-port", "-1", "--model.device", "cpu"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rlhf", "serve", "reward", *argv],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=90)
+            stub = reward_pb2_grpc.RewardServiceStub(channel)
+            reply = stub.Score(reward_pb2.ScoreRequest(prompt="p", responses=["x"]), timeout=30)
+            assert reply.model_version == "rm-v7"
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, output
+    assert "NO API KEYS CONFIGURED" in output and "reward server stopped" in output
