@@ -112,7 +112,9 @@ def _build(cls: type[T], values: Mapping[str, Any], prefix: str = "", base: Any 
         if dataclasses.is_dataclass(tp):
             if base is not None:
                 default = getattr(base, f.name)
-            elif f.default_factory is not dataclasses.MISSING:
+            elif f.default_factory not in (dataclasses.MISSING, tp):
+                # A factory with its own defaults (not the plain class, whose defaults
+                # _build applies itself, and which may only validate with values given).
                 default = f.default_factory()
             else:
                 default = None

@@ -90,8 +90,12 @@ class ModelPool(Generic[M]):
         registry: CollectorRegistry,
         component: str,
         on_reject: Callable[[str, str], None] = lambda _v, _why: None,
+        on_resident: Callable[[str], None] = lambda _v: None,
+        require_manifest: bool = True,
     ) -> None:
         self._load = load
+        self._on_resident = on_resident
+        self._require_manifest = require_manifest
         self._warm_up = warm_up
         self._release = release
         self._on_reject = on_reject
@@ -132,11 +136,13 @@ class ModelPool(Generic[M]):
         with self._work:
             started = time.monotonic()
             try:
-                manifest = checkpoint.verify(path)
-                if manifest.version != version:
-                    raise checkpoint.CheckpointError(
-                        f"{path} holds {manifest.version}, expected {version}"
-                    )
+                # A plain model directory (served with --model.path) has no manifest to check.
+                if self._require_manifest or (path / checkpoint.MANIFEST).exists():
+                    manifest = checkpoint.verify(path)
+                    if manifest.version != version:
+                        raise checkpoint.CheckpointError(
+                            f"{path} holds {manifest.version}, expected {version}"
+                        )
                 model = self._load(path)
                 self._warm_up(model)
             except Exception as exc:  # any failure: keep serving what we have
@@ -157,6 +163,7 @@ class ModelPool(Generic[M]):
             self._lock.notify_all()
         self._metrics.swaps.labels("loaded").inc()
         self._metrics.load_seconds.observe(time.monotonic() - started)
+        self._on_resident(version)
         if published_ms:
             self._metrics.swap_seconds.observe(max(0.0, time.time() - published_ms / 1000))
         log.info(
@@ -238,6 +245,11 @@ class ModelPool(Generic[M]):
                 )
                 and version in self._slots
             )
+
+    def wait_any(self, timeout_s: float) -> bool:
+        """Blocks until some version is resident (start-up), or the timeout."""
+        with self._lock:
+            return self._lock.wait_for(lambda: bool(self._slots), timeout=timeout_s)
 
     def close(self) -> None:
         with self._lock:

@@ -383,6 +383,7 @@ class ServerRuntime:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopped = False
+        self._not_ready: set[str] = set()
         self.port = 0
         self.metrics_port = -1
 
@@ -422,7 +423,7 @@ class ServerRuntime:
         await server.start()
         self._server = server
         for name in service_names:
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            await self._health.set(name, self._status(name not in self._not_ready))
         if cfg.metrics_port >= 0:
             self._metrics_http, _ = start_http_server(
                 cfg.metrics_port, addr=cfg.metrics_host, registry=self.registry
@@ -446,6 +447,26 @@ class ServerRuntime:
             f"port {self.metrics_port}" if self.metrics_port >= 0 else "off",
             ", ".join(service_names),
         )
+
+    @staticmethod
+    def _status(ready: bool) -> Any:
+        return (
+            health_pb2.HealthCheckResponse.SERVING
+            if ready
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+
+    def set_ready(self, service: str, ready: bool) -> None:
+        """Marks ``service`` (not) ready in health checks, e.g. NOT_SERVING until a model is
+        loaded. Callable from any thread, before or after start; ignored once draining."""
+        if ready:
+            self._not_ready.discard(service)
+        else:
+            self._not_ready.add(service)
+        if self._loop is not None and self._health is not None and not self._stopped:
+            asyncio.run_coroutine_threadsafe(
+                self._health.set(service, self._status(ready)), self._loop
+            )
 
     def request_stop(self) -> None:
         """Asks ``serve`` to shut down; safe to call from any thread or a signal handler."""

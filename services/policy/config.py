@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from rlhf.config import option, section
 from rlhf.runtime import RuntimeConfig
+from services.serving import FollowConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -110,6 +111,9 @@ class PolicyServerConfig:
     limits: LimitsConfig = section(LimitsConfig, "request limits")
     engine: EngineConfig = section(EngineConfig, "batching engine")
     publish: PublishConfig = section(PublishConfig, "publishing served generations to Kafka")
+    follow: FollowConfig = section(
+        FollowConfig, "following the models topic and registry (hot swap; --model.registry only)"
+    )
     runtime: PolicyRuntimeConfig = section(PolicyRuntimeConfig, "gRPC server, auth and metrics")
 
     def __post_init__(self) -> None:

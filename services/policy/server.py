@@ -9,6 +9,7 @@ Kafka in the background.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -22,8 +23,9 @@ from prometheus_client import CollectorRegistry
 
 from rlhf import bus
 from rlhf.config import parse_config
+from rlhf.pool import ModelPool, NotServing
 from rlhf.runtime import Scope, ServerRuntime
-from rlhf.v1 import events_pb2, inference_pb2, inference_pb2_grpc
+from rlhf.v1 import admin_pb2_grpc, events_pb2, inference_pb2, inference_pb2_grpc
 
 # The gateway's split function: one definition, so a user lands in the same split everywhere.
 from services.feedback.split import split_for_user
@@ -42,10 +44,13 @@ from services.policy.engine import (
 )
 from services.policy.publisher import GenerationPublisher
 from services.policy.sampling import SamplingParams
+from services.serving import ServingModels
 
 log = logging.getLogger(__name__)
 
-SERVICES = {"rlhf.v1.InferenceService": Scope.INFER}
+INFERENCE = "rlhf.v1.InferenceService"
+SERVICES = {INFERENCE: Scope.INFER}
+ADMIN_SERVICES = {"rlhf.v1.AdminService": Scope.ADMIN}
 MAX_ID_CHARS = 256
 # Prompts longer than this are tokenised off the event loop so they cannot stall other calls.
 INLINE_TOKENIZE_CHARS = 8192
@@ -139,6 +144,8 @@ class _Call:
     params: SamplingParams
     gen: Generation
     generation_ids: list[str]
+    # Holds the model version resident until the response is complete.
+    lease: contextlib.ExitStack
 
     @property
     def policy(self) -> LoadedPolicy:
@@ -149,13 +156,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(
         self,
         engine: Engine,
-        policies: versions.ResidentPolicies,
+        pool: ModelPool[LoadedPolicy],
         limits: LimitsConfig,
         publisher: GenerationPublisher | None,
         split_fractions: tuple[float, float] = (0.05, 0.05),
     ) -> None:
         self._engine = engine
-        self._policies = policies
+        self._pool = pool
         self._limits = limits
         self._publisher = publisher
         self._split_fractions = split_fractions  # (validation, test)
@@ -180,16 +187,42 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     grpc.StatusCode.INVALID_ARGUMENT, f"{name} is over {MAX_ID_CHARS} characters"
                 )
         params = sampling_params(request, self._limits)
-        if request.model_version:
-            policy = self._policies.get(request.model_version)
-            if policy is None:
-                raise BadRequest(
-                    grpc.StatusCode.NOT_FOUND,
-                    f"model_version {request.model_version!r} is not served here "
-                    f"(resident: {', '.join(self._policies.versions())})",
-                )
-        else:
-            policy = self._policies.serving()
+        lease = contextlib.ExitStack()
+        try:
+            policy = self._acquire(request, lease)
+            return await self._submit(request, context, params, n, policy, lease, stream=stream)
+        except BaseException:
+            lease.close()
+            raise
+
+    def _acquire(
+        self, request: inference_pb2.GenerateRequest, lease: contextlib.ExitStack
+    ) -> LoadedPolicy:
+        """The version this request runs on (pinned, canary or promoted), held by ``lease``."""
+        try:
+            version = request.model_version or self._pool.choose(request.user_id)
+        except NotServing as exc:
+            raise BadRequest(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
+        try:
+            return lease.enter_context(self._pool.lease(version))
+        except KeyError:
+            raise BadRequest(
+                grpc.StatusCode.NOT_FOUND,
+                f"model_version {version!r} is not served here "
+                f"(resident: {', '.join(self._pool.resident()) or 'none'})",
+            ) from None
+
+    async def _submit(
+        self,
+        request: inference_pb2.GenerateRequest,
+        context: grpc.aio.ServicerContext,
+        params: SamplingParams,
+        n: int,
+        policy: LoadedPolicy,
+        lease: contextlib.ExitStack,
+        *,
+        stream: bool,
+    ) -> _Call:
         prompt_ids = await self._tokenize(policy, request.prompt)
         if len(prompt_ids) > self._limits.max_input_tokens:
             raise BadRequest(
@@ -220,7 +253,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         except EngineStopped as exc:
             raise BadRequest(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
         request_id = request.request_id or uuid.uuid4().hex
-        return _Call(request_id, request, params, gen, [uuid.uuid4().hex for _ in range(n)])
+        return _Call(request_id, request, params, gen, [uuid.uuid4().hex for _ in range(n)], lease)
 
     @staticmethod
     async def _tokenize(policy: LoadedPolicy, prompt: str) -> list[int]:
@@ -287,6 +320,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         except BaseException:
             call.gen.cancel()  # the client went away or its deadline passed
             raise
+        finally:
+            call.lease.close()
         self._publish(call, samples)
         return inference_pb2.GenerateResponse(
             request_id=call.request_id,
@@ -327,6 +362,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         except BaseException:
             call.gen.cancel()
             raise
+        finally:
+            call.lease.close()
         self._publish(call, sorted(samples, key=lambda s: s.index))
 
 
@@ -337,12 +374,23 @@ class PolicyServer:
         self,
         config: PolicyServerConfig,
         registry: CollectorRegistry,
-        policy: LoadedPolicy | None = None,
     ) -> None:
         self.config = config
         self.registry = registry
         self.runtime = ServerRuntime(config.runtime, registry, component="policy")
-        self.policies = versions.ResidentPolicies(policy or versions.load(config.model), registry)
+        self.runtime.set_ready(INFERENCE, False)
+        self.models: ServingModels[LoadedPolicy] = ServingModels(
+            role=events_pb2.MODEL_ROLE_POLICY,
+            path=config.model.path,
+            version=config.model.version,
+            registry_dir=config.model.registry,
+            follow=config.follow,
+            load=lambda path: versions.load(path, config.model),
+            warm_up=versions.warm_up,
+            metrics=registry,
+            on_resident=lambda _version: self.runtime.set_ready(INFERENCE, True),
+        )
+        self.pool = self.models.pool
         self.engine: Engine | None = None
         self.publisher: GenerationPublisher | None = None
 
@@ -378,18 +426,33 @@ class PolicyServer:
         self.runtime.on_stop(lambda: asyncio.to_thread(engine.stop))
         servicer = InferenceServicer(
             engine,
-            self.policies,
+            self.pool,
             cfg.limits,
             self.publisher,
             (pub.validation_fraction, pub.test_fraction),
         )
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
+        admin = self.models.admin_servicer()
+        if admin is not None:
+            admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
+        # Loading starts once the runtime can report readiness; stops after the engine.
+        self.runtime.on_stop(lambda: asyncio.to_thread(self.models.stop))
+        await asyncio.to_thread(self.models.start)
+
+    @property
+    def services(self) -> dict[str, Scope]:
+        if self.models.admin_enabled:
+            return {**SERVICES, **ADMIN_SERVICES}
+        return SERVICES
 
     async def serve(self) -> None:
-        await self.runtime.serve(self.add_servicers, SERVICES)
+        await self.runtime.serve(self.add_servicers, self.services)
 
-    def start_in_thread(self) -> None:
-        self.runtime.start_in_thread(self.add_servicers, SERVICES)
+    def start_in_thread(self, ready_timeout_s: float = 120.0) -> None:
+        """Serves from a thread; returns once a model version takes requests."""
+        self.runtime.start_in_thread(self.add_servicers, self.services)
+        if not self.pool.wait_any(ready_timeout_s):
+            raise TimeoutError(f"no policy version loaded within {ready_timeout_s}s")
 
     def stop_in_thread(self) -> None:
         self.runtime.stop_in_thread()

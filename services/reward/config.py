@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from rlhf.config import option, section
 from rlhf.runtime import RuntimeConfig
+from services.serving import FollowConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -69,4 +70,7 @@ class RewardServerConfig:
     model: ModelConfig = section(ModelConfig, "the reward model to serve")
     limits: LimitsConfig = section(LimitsConfig, "request limits")
     batch: BatchConfig = section(BatchConfig, "batched scoring")
+    follow: FollowConfig = section(
+        FollowConfig, "following the models topic and registry (hot swap; --model.registry only)"
+    )
     runtime: RewardRuntimeConfig = section(RewardRuntimeConfig, "gRPC server, auth and metrics")

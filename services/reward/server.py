@@ -10,86 +10,64 @@ concurrent requests are scored in shared forward passes (``scorer.py``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import threading
 from pathlib import Path
 
 import grpc
 import torch
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry
 
-from rlhf import checkpoint
 from rlhf.config import parse_config
 from rlhf.models import load_reward_model
+from rlhf.pool import ModelPool, NotServing
 from rlhf.runtime import Scope, ServerRuntime
-from rlhf.v1 import reward_pb2, reward_pb2_grpc
+from rlhf.v1 import admin_pb2_grpc, events_pb2, reward_pb2, reward_pb2_grpc
 from services.reward.config import LimitsConfig, ModelConfig, RewardServerConfig
 from services.reward.scorer import BatchScorer, LoadedRewardModel, QueueFull, ScorerStopped
+from services.serving import ServingModels, version_of
 
 log = logging.getLogger(__name__)
 
-SERVICES = {"rlhf.v1.RewardService": Scope.INFER}
+REWARD = "rlhf.v1.RewardService"
+SERVICES = {REWARD: Scope.INFER}
 # Texts longer than this are tokenised off the event loop so they cannot stall other calls.
 INLINE_TOKENIZE_CHARS = 8192
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load(config: ModelConfig) -> LoadedRewardModel:
-    """Loads the configured reward model (verifying a checkpoint's checksums) and warms it up."""
-    path = Path(config.path) if config.path else checkpoint.latest(config.registry, "reward")
-    if path is None:
-        raise FileNotFoundError(f"no reward version in registry {config.registry}")
-    version = config.version or path.name
-    if (path / checkpoint.MANIFEST).is_file():
-        version = config.version or checkpoint.verify(path).version
+def load(path: Path, config: ModelConfig) -> LoadedRewardModel:
+    """Loads the reward model in ``path`` on the configured device and dtype (checksums are
+    the pool's job, before this runs)."""
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu")
         if config.device == "auto"
         else config.device
     )
     model, tokenizer = load_reward_model(path, device, _DTYPES.get(config.dtype))
-    with torch.inference_mode():
-        ids = torch.tensor([[tokenizer.bos_token_id or 0]], device=device)
-        model(ids, torch.ones_like(ids))  # fails fast on a broken checkpoint
+    version = version_of(path, config.version if config.path else "")
     log.info(
         "loaded reward model %s from %s on %s (bias %.4f)", version, path, device, float(model.bias)
     )
     return LoadedRewardModel(model, tokenizer, version)
 
 
-class ResidentRewardModels:
-    """The versions in memory and the one new requests get (``rlhf_reward_model_info``)."""
-
-    def __init__(self, serving: LoadedRewardModel, registry: CollectorRegistry) -> None:
-        self._lock = threading.Lock()
-        self._versions = {serving.version: serving}
-        self._serving = serving
-        self._info = Gauge(
-            "rlhf_reward_model_info",
-            "1 for the reward-model version serving new requests, 0 for other resident versions",
-            ["version"],
-            registry=registry,
-        )
-        self._info.labels(serving.version).set(1)
-
-    def serving(self) -> LoadedRewardModel:
-        return self._serving
-
-    def get(self, version: str) -> LoadedRewardModel | None:
-        with self._lock:
-            return self._versions.get(version)
-
-    def versions(self) -> list[str]:
-        with self._lock:
-            return sorted(self._versions)
+def warm_up(rm: LoadedRewardModel) -> None:
+    """A real forward pass before the version takes requests; fails on non-finite output."""
+    device = rm.model.head.weight.device
+    with torch.inference_mode():
+        ids = torch.tensor([[rm.tokenizer.bos_token_id or 0]], device=device)
+        out = rm.model(ids, torch.ones_like(ids))
+    if not torch.isfinite(out).all():
+        raise ValueError(f"reward model {rm.version}: warm-up gave a non-finite reward")
 
 
 class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
     def __init__(
-        self, scorer: BatchScorer, models: ResidentRewardModels, limits: LimitsConfig
+        self, scorer: BatchScorer, pool: ModelPool[LoadedRewardModel], limits: LimitsConfig
     ) -> None:
         self._scorer = scorer
-        self._models = models
+        self._pool = pool
         self._limits = limits
 
     def _encode(
@@ -123,18 +101,31 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
                 invalid,
                 f"responses must hold 1..{self._limits.max_responses} entries, got {len(request.responses)}",
             )
-        rm = (
-            self._models.get(request.model_version)
-            if request.model_version
-            else self._models.serving()
-        )
-        if rm is None:
+        try:
+            version = request.model_version or self._pool.choose()
+        except NotServing as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            raise
+        lease = contextlib.ExitStack()
+        try:
+            rm = lease.enter_context(self._pool.lease(version))
+        except KeyError:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
-                f"model_version {request.model_version!r} is not served here "
-                f"(resident: {', '.join(self._models.versions())})",
+                f"model_version {version!r} is not served here "
+                f"(resident: {', '.join(self._pool.resident()) or 'none'})",
             )
-            raise AssertionError("unreachable: abort raises")
+            raise
+        with lease:  # the version stays resident until this request is scored
+            return await self._score(rm, request, context)
+
+    async def _score(
+        self,
+        rm: LoadedRewardModel,
+        request: reward_pb2.ScoreRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> reward_pb2.ScoreResponse:
+        invalid = grpc.StatusCode.INVALID_ARGUMENT
         size = len(request.prompt) + sum(len(r) for r in request.responses)
         try:
             if size <= INLINE_TOKENIZE_CHARS:
@@ -162,14 +153,25 @@ class RewardServer:
         self,
         config: RewardServerConfig,
         registry: CollectorRegistry,
-        rm: LoadedRewardModel | None = None,
     ) -> None:
         if config.limits.max_responses > config.batch.max_batch_pairs:
             raise ValueError("limits.max_responses must not exceed batch.max_batch_pairs")
         self.config = config
         self.registry = registry
         self.runtime = ServerRuntime(config.runtime, registry, component="reward")
-        self.models = ResidentRewardModels(rm or load(config.model), registry)
+        self.runtime.set_ready(REWARD, False)
+        self.models: ServingModels[LoadedRewardModel] = ServingModels(
+            role=events_pb2.MODEL_ROLE_REWARD,
+            path=config.model.path,
+            version=config.model.version,
+            registry_dir=config.model.registry,
+            follow=config.follow,
+            load=lambda path: load(path, config.model),
+            warm_up=warm_up,
+            metrics=registry,
+            on_resident=lambda _version: self.runtime.set_ready(REWARD, True),
+        )
+        self.pool = self.models.pool
         self.scorer: BatchScorer | None = None
 
     async def add_servicers(self, server: grpc.aio.Server) -> None:
@@ -181,14 +183,28 @@ class RewardServer:
         self.scorer = scorer
         self.runtime.on_stop(lambda: asyncio.to_thread(scorer.stop))
         reward_pb2_grpc.add_RewardServiceServicer_to_server(
-            RewardServicer(scorer, self.models, self.config.limits), server
+            RewardServicer(scorer, self.pool, self.config.limits), server
         )
+        admin = self.models.admin_servicer()
+        if admin is not None:
+            admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
+        self.runtime.on_stop(lambda: asyncio.to_thread(self.models.stop))
+        await asyncio.to_thread(self.models.start)
+
+    @property
+    def services(self) -> dict[str, Scope]:
+        if self.models.admin_enabled:
+            return {**SERVICES, "rlhf.v1.AdminService": Scope.ADMIN}
+        return SERVICES
 
     async def serve(self) -> None:
-        await self.runtime.serve(self.add_servicers, SERVICES)
+        await self.runtime.serve(self.add_servicers, self.services)
 
-    def start_in_thread(self) -> None:
-        self.runtime.start_in_thread(self.add_servicers, SERVICES)
+    def start_in_thread(self, ready_timeout_s: float = 120.0) -> None:
+        """Serves from a thread; returns once a reward-model version takes requests."""
+        self.runtime.start_in_thread(self.add_servicers, self.services)
+        if not self.pool.wait_any(ready_timeout_s):
+            raise TimeoutError(f"no reward model loaded within {ready_timeout_s}s")
 
     def stop_in_thread(self) -> None:
         self.runtime.stop_in_thread()

@@ -1,0 +1,159 @@
+"""The model versions a server holds and routes to, shared by the policy and reward servers.
+
+Two modes, one mechanism (a ``ModelPool`` fed with a ``ModelState``):
+
+* registry mode (``--model.registry DIR``): a ``ModelFollower`` reads the models topic (when
+  ``--follow.bootstrap-servers`` is set) and scans the registry, and every state change is
+  reconciled into the pool: new versions load beside the old one, verify, warm up, then take
+  new requests (hot swap). ``AdminService`` is served next to the model service, so operators
+  can promote, canary, pin and roll back through any replica.
+* path mode (``--model.path DIR``): one fixed model directory, e.g. a Hugging Face model, as
+  a state with one promoted version.
+
+The model service reports NOT_SERVING in health checks until a version is resident.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Generic, TypeVar
+
+from prometheus_client import CollectorRegistry
+
+from rlhf import bus, checkpoint, topics
+from rlhf.config import option
+from rlhf.lifecycle import ROLE_NAMES, Kind, ModelFollower, ModelState, model_event
+from rlhf.pool import ModelPool
+from services.admin.service import AdminServicer
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M")
+
+
+@dataclass(frozen=True)
+class FollowConfig:
+    bootstrap_servers: str = option(
+        "", "Kafka to follow the models topic on (empty: scan the registry only)"
+    )
+    poll_registry_s: float = option(5.0, "seconds between scans of the registry for new versions")
+    registry_grace_s: float = option(
+        30.0, "a registry version no model event announced within this long is adopted anyway"
+    )
+    auto_promote_from_registry: bool = option(
+        True, "promote the newest adopted registry version (when its events were missed)"
+    )
+
+    def __post_init__(self) -> None:
+        if self.poll_registry_s <= 0 or self.registry_grace_s < 0:
+            raise ValueError("follow.poll_registry_s must be > 0 and registry_grace_s >= 0")
+
+
+def version_of(path: Path, configured: str = "") -> str:
+    """A model directory's version: the configured name, its manifest's, or the folder name."""
+    if configured:
+        return configured
+    if (path / checkpoint.MANIFEST).is_file():
+        return checkpoint.read_manifest(path).version
+    return path.name
+
+
+class ServingModels(Generic[M]):
+    def __init__(
+        self,
+        *,
+        role: int,
+        path: str,
+        version: str,
+        registry_dir: str,
+        follow: FollowConfig,
+        load: Callable[[Path], M],
+        warm_up: Callable[[M], None],
+        metrics: CollectorRegistry,
+        on_resident: Callable[[str], None] = lambda _v: None,
+    ) -> None:
+        self.role = role
+        self.component = ROLE_NAMES[role]
+        self._producer: bus.Producer | None = None
+        if follow.bootstrap_servers and registry_dir:
+            self._producer = bus.Producer(
+                follow.bootstrap_servers, client_id=f"rlhf-{self.component}-admin", registry=None
+            )
+        self.pool: ModelPool[M] = ModelPool(
+            load=load,
+            warm_up=warm_up,
+            registry=metrics,
+            component=self.component,
+            on_reject=self._rejected,
+            on_resident=on_resident,
+            require_manifest=not path,
+        )
+        self.follower: ModelFollower | None = None
+        self._static: ModelState | None = None
+        if path:
+            state = ModelState(role)
+            name = version_of(Path(path), version)
+            state.apply(model_event(Kind.MODEL_EVENT_KIND_PUBLISHED, role, name, path=path))
+            state.apply(model_event(Kind.MODEL_EVENT_KIND_PROMOTED, role, name))
+            self._static = state
+        else:
+            self.follower = ModelFollower(
+                bootstrap_servers=follow.bootstrap_servers or None,
+                registry_dir=Path(registry_dir),
+                on_change=self._changed,
+                registry=metrics,
+                poll_registry_s=follow.poll_registry_s,
+                registry_grace_s=follow.registry_grace_s,
+                auto_promote_from_registry=follow.auto_promote_from_registry,
+            )
+
+    def _changed(self, state: ModelState) -> None:
+        if state.role == self.role:
+            self.pool.reconcile(state)
+
+    def _rejected(self, version: str, reason: str) -> None:
+        if self._producer is None:
+            return
+        event = model_event(
+            Kind.MODEL_EVENT_KIND_REJECTED, self.role, version, reason=reason,
+            actor=f"{self.component}-server",
+        )  # fmt: skip
+        try:
+            self._producer.send_sync(topics.MODELS, event, key=event.event_id)
+        except bus.PublishError:
+            log.exception("could not announce the rejection of %s", version)
+
+    def start(self) -> None:
+        """Starts loading (in the background); the follower first replays the models topic."""
+        if self._static is not None:
+            self.pool.reconcile(self._static)
+        else:
+            assert self.follower is not None
+            self.follower.start()
+            self.pool.reconcile(self.follower.states[self.role])
+
+    def stop(self) -> None:
+        if self.follower is not None:
+            self.follower.stop()
+        if self._producer is not None:
+            self._producer.close()
+        self.pool.close()
+
+    @property
+    def admin_enabled(self) -> bool:
+        """AdminService needs the follower's state and Kafka to write model events to."""
+        return self.follower is not None and self._producer is not None
+
+    def admin_servicer(self) -> AdminServicer | None:
+        if not self.admin_enabled:
+            return None
+        assert self.follower is not None and self._producer is not None
+        return AdminServicer(
+            self.follower,
+            self._producer,
+            resident=lambda role: self.pool.resident() if role == self.role else [],
+            actor=f"{self.component}-server",
+        )
