@@ -20,10 +20,13 @@ fi
 
 key=$(sha256sum "$root/requirements.lock" | cut -c1-16)
 venv="$cache/venv-$key"
+mkdir -p "$cache"
+# One builder at a time: parallel runs (make targets, CI next to a shell) wait for it.
+exec 9>"$cache/.venv-$key.lock"
+flock 9
 if [ ! -f "$venv/.complete" ]; then
   echo "setting up the Python environment in $venv (first run only)" >&2
   rm -rf "$venv"
-  mkdir -p "$cache"
   "$py" -m venv "$venv"
   "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >&2
   "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$root/requirements.lock" >&2

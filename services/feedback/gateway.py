@@ -1,0 +1,437 @@
+"""The feedback pipeline shared by the gRPC servicer and the importer: validate, resolve
+generation ids, apply the data policy (PII redaction, split), then store exactly once.
+
+Exactly once, end to end:
+
+* An event's id is ``uuid5(kind + idempotency key)``, so a retry has the same id as the
+  original, on any replica and after any restart.
+* The gateway answers OK only after Kafka acknowledged the record (idempotent producer,
+  ``acks=all``); otherwise the client gets UNAVAILABLE and may retry with the same key.
+* Before writing, the gateway looks the id up in ``SeenEvents``, rebuilt at start from its
+  own topics and kept current by tailing them; a hit answers ``duplicate=true`` and writes
+  nothing. A retry that arrives while the first attempt is still unacknowledged waits for
+  that attempt instead of writing a second copy.
+* A few cases can still leave two records with one id: an attempt the producer gave up on
+  although the broker had stored it (the ack lost on the way back), a gateway that died
+  with records in flight, two replicas taking the same key at the same instant. Consumers
+  therefore keep the first record of each ``event_id`` and drop later ones; with that rule
+  every accepted submission is used exactly once.
+
+Records are keyed by a hash of the (redacted) prompt, so all events of one prompt land in
+one partition, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf.message import Message
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import Counter as MetricCounter
+
+from rlhf import bus, topics
+from rlhf.v1 import events_pb2, feedback_pb2
+from services.feedback.config import GatewayConfig
+from services.feedback.dedupe import SeenEvents
+from services.feedback.generations import GenerationIndex
+from services.feedback.outbox import Outbox
+from services.feedback.pii import Redactor
+from services.feedback.split import split_for_user
+from services.feedback.tail import TopicTail
+from services.feedback.validate import (
+    Rejection,
+    check_distinct,
+    check_text,
+    validate_comparison,
+    validate_demonstration,
+)
+
+log = logging.getLogger(__name__)
+
+COMPARISON = "comparison"
+DEMONSTRATION = "demonstration"
+# Fixed forever: changing it would give retried submissions new ids.
+_EVENT_NAMESPACE = uuid.UUID("6f1d3c52-8c1e-4f4e-9a57-2f0e7b1c9d11")
+
+
+def event_id_for(kind: str, idempotency_key: str) -> str:
+    """The deterministic event id of a submission: the same key always maps to the same id."""
+    return uuid.uuid5(_EVENT_NAMESPACE, f"{kind}:{idempotency_key}").hex
+
+
+def record_key(prompt: str) -> str:
+    """Kafka record key: one prompt's events share a partition and stay ordered."""
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class Submitted:
+    event_id: str
+    duplicate: bool
+    # The stored record; None for a duplicate (the original was stored earlier).
+    event: events_pb2.ComparisonEvent | events_pb2.DemonstrationEvent | None
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.accepted = MetricCounter(
+            "rlhf_feedback_events_accepted_total",
+            "Feedback events stored in Kafka (acknowledged)",
+            ["type"],
+            registry=registry,
+        )
+        self.rejected = MetricCounter(
+            "rlhf_feedback_events_rejected_total",
+            "Feedback submissions not stored, by reason",
+            ["type", "reason"],
+            registry=registry,
+        )
+        self.ack_seconds = Histogram(
+            "rlhf_feedback_kafka_ack_seconds",
+            "Time from handing a record to the producer until Kafka acknowledged it",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=registry,
+        )
+        self.dedupe_hits = MetricCounter(
+            "rlhf_feedback_dedupe_hits_total",
+            "Submissions answered as duplicates of an already stored event",
+            registry=registry,
+        )
+        self.pii_redactions = MetricCounter(
+            "rlhf_feedback_pii_redactions_total",
+            "PII spans redacted from stored prompts and responses",
+            ["kind"],
+            registry=registry,
+        )
+
+
+class FeedbackGateway:
+    """Validates, enriches and stores feedback; one instance per process, on one event loop."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        producer: bus.Producer,
+        generations: GenerationIndex,
+        seen: SeenEvents,
+        registry: CollectorRegistry,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._config = config
+        self._producer = producer
+        self._generations = generations
+        self._seen = seen
+        self._clock = clock
+        self._redactor = Redactor(config.policy.pii_kinds)
+        self.metrics = GatewayMetrics(registry)
+        # Created on first use: the gateway is built off the loop it will serve on.
+        self._outbox: Outbox | None = None
+        # Attempts not settled yet, by event id; the value becomes True once Kafka acked.
+        self._inflight: dict[str, asyncio.Future[bool]] = {}
+
+    def close(self) -> None:
+        if self._outbox is not None:
+            self._outbox.close()
+
+    async def submit(self, item: feedback_pb2.FeedbackItem) -> Submitted:
+        which = item.WhichOneof("item")
+        if which == "comparison":
+            return await self.submit_comparison(item.comparison)
+        if which == "demonstration":
+            return await self.submit_demonstration(item.demonstration)
+        self.metrics.rejected.labels("unknown", "missing_field").inc()
+        raise Rejection(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "missing_field",
+            "item: set comparison or demonstration",
+        )
+
+    async def submit_comparison(self, request: feedback_pb2.ComparisonRequest) -> Submitted:
+        return await self._submit(
+            COMPARISON,
+            request.idempotency_key,
+            functools.partial(validate_comparison, request, self._config.limits),
+            functools.partial(self._comparison_event, request),
+        )
+
+    async def submit_demonstration(self, request: feedback_pb2.DemonstrationRequest) -> Submitted:
+        return await self._submit(
+            DEMONSTRATION,
+            request.idempotency_key,
+            functools.partial(validate_demonstration, request, self._config.limits),
+            functools.partial(self._demonstration_event, request),
+        )
+
+    def _redact(self, text: str, counts: Counter[str]) -> tuple[str, bool]:
+        redacted, found = self._redactor.redact(text)
+        counts.update(found)
+        return redacted, bool(found)
+
+    def _split(self, user_id: str) -> events_pb2.Split.ValueType:
+        policy = self._config.policy
+        return split_for_user(user_id, policy.validation_fraction, policy.test_fraction)
+
+    async def _comparison_event(
+        self, request: feedback_pb2.ComparisonRequest, event_id: str, counts: Counter[str]
+    ) -> tuple[topics.Topic, Message, str]:
+        by_id = {
+            i: ref.generation_id
+            for i, ref in enumerate(request.responses)
+            if ref.WhichOneof("source") == "generation_id"
+        }
+        served = (
+            await self._generations.resolve(by_id, self._config.resolver.wait_s) if by_id else {}
+        )
+        prompt, _ = self._redact(request.prompt, counts)
+        texts = []
+        for i, ref in enumerate(request.responses):
+            if i in served:
+                # The policy server may publish the prompt as received or already redacted.
+                if served[i].prompt not in (request.prompt, prompt):
+                    raise Rejection(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        "prompt_mismatch",
+                        f"responses[{i}].generation_id: {ref.generation_id!r} was served for a "
+                        "different prompt; rank only responses to this prompt",
+                    )
+                check_text(
+                    f"responses[{i}] (served text)",
+                    served[i].text,
+                    self._config.limits.max_response_chars,
+                )
+                texts.append(served[i].text)
+            else:
+                texts.append(ref.text)
+        check_distinct(texts)
+        responses = []
+        for i, text in enumerate(texts):
+            redacted, changed = self._redact(text, counts)
+            response = events_pb2.RankedResponse(text=redacted, rank=request.ranks[i])
+            if i in served:
+                response.generation_id = served[i].generation_id
+                response.model_version = served[i].model_version
+                # Token ids would spell out what was redacted, so they go with the redaction.
+                if not changed:
+                    response.token_ids.extend(served[i].token_ids)
+                    response.logprobs.extend(served[i].logprobs)
+            responses.append(response)
+        event = events_pb2.ComparisonEvent(
+            event_id=event_id,
+            created_at_ms=int(self._clock() * 1000),
+            prompt=prompt,
+            responses=responses,
+            labeler_id=request.labeler_id,
+            user_id=request.user_id,
+            split=self._split(request.user_id),
+            idempotency_key=request.idempotency_key,
+            redactions=sum(counts.values()),
+        )
+        return topics.COMPARISONS, event, record_key(prompt)
+
+    async def _demonstration_event(
+        self, request: feedback_pb2.DemonstrationRequest, event_id: str, counts: Counter[str]
+    ) -> tuple[topics.Topic, Message, str]:
+        prompt, _ = self._redact(request.prompt, counts)
+        response, _ = self._redact(request.response, counts)
+        event = events_pb2.DemonstrationEvent(
+            event_id=event_id,
+            created_at_ms=int(self._clock() * 1000),
+            prompt=prompt,
+            response=response,
+            labeler_id=request.labeler_id,
+            user_id=request.user_id,
+            split=self._split(request.user_id),
+            idempotency_key=request.idempotency_key,
+            redactions=sum(counts.values()),
+        )
+        return topics.DEMONSTRATIONS, event, record_key(prompt)
+
+    async def _submit(
+        self,
+        kind: str,
+        idempotency_key: str,
+        validate: Callable[[], None],
+        build: Callable[[str, Counter[str]], Awaitable[tuple[topics.Topic, Message, str]]],
+    ) -> Submitted:
+        try:
+            validate()
+            event_id = event_id_for(kind, idempotency_key)
+            if await self._already_stored(event_id):
+                self.metrics.dedupe_hits.inc()
+                return Submitted(event_id, duplicate=True, event=None)
+            counts: Counter[str] = Counter()
+            attempt = asyncio.get_running_loop().create_future()
+            self._inflight[event_id] = attempt
+            try:
+                topic, event, key = await build(event_id, counts)
+            except BaseException:
+                self._inflight.pop(event_id, None)
+                attempt.set_result(False)
+                raise
+            await self._store(kind, event_id, topic, event, key, counts, attempt)
+        except Rejection as rejection:
+            self.metrics.rejected.labels(kind, rejection.reason).inc()
+            raise
+        assert isinstance(event, events_pb2.ComparisonEvent | events_pb2.DemonstrationEvent)
+        return Submitted(event_id, duplicate=False, event=event)
+
+    async def _already_stored(self, event_id: str) -> bool:
+        """True when the event is stored; waits for an unsettled earlier attempt first."""
+        while event_id not in self._seen:
+            attempt = self._inflight.get(event_id)
+            if attempt is None:
+                return False
+            done, _ = await asyncio.wait((attempt,), timeout=self._config.kafka.ack_timeout_s)
+            if not done:
+                raise Rejection(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "unavailable",
+                    "an earlier submission with this idempotency key is still waiting for "
+                    "Kafka; retry later with the same key",
+                )
+            if attempt.result():
+                return True
+        return True
+
+    async def _store(
+        self,
+        kind: str,
+        event_id: str,
+        topic: topics.Topic,
+        event: Message,
+        key: str,
+        counts: Counter[str],
+        attempt: asyncio.Future[bool],
+    ) -> None:
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        if self._outbox is None or self._outbox.loop is not loop:
+            # First use, or a new event loop (the importer runs one per file).
+            if self._outbox is not None:
+                self._outbox.close()
+            self._outbox = Outbox(self._producer, loop)
+        acked = self._outbox.send(topic, event, key)
+
+        def settled(acked: asyncio.Future[None]) -> None:
+            stored = acked.exception() is None
+            if stored:
+                self._seen.add(event_id)
+                self.metrics.accepted.labels(kind).inc()
+                self.metrics.ack_seconds.observe(time.perf_counter() - started)
+                for pii_kind, n in counts.items():
+                    self.metrics.pii_redactions.labels(pii_kind).inc(n)
+            self._inflight.pop(event_id, None)
+            attempt.set_result(stored)
+
+        acked.add_done_callback(settled)
+        # asyncio.wait leaves ``acked`` running on timeout: a late ack still marks the event
+        # stored, and a retry meanwhile waits for it instead of writing a second copy.
+        done, _ = await asyncio.wait((acked,), timeout=self._config.kafka.ack_timeout_s)
+        if not done:
+            raise Rejection(
+                grpc.StatusCode.UNAVAILABLE,
+                "unavailable",
+                f"Kafka did not acknowledge the event within {self._config.kafka.ack_timeout_s:g} s; "
+                "retry with the same idempotency key",
+            )
+        exc = acked.exception()
+        if exc is not None:
+            raise Rejection(
+                grpc.StatusCode.UNAVAILABLE,
+                "unavailable",
+                f"Kafka did not store the event ({type(exc).__name__}: {exc}); retry with the "
+                "same idempotency key",
+            )
+
+
+class GatewayApp:
+    """A running gateway with its Kafka clients: what ``open_gateway`` returns and ``close`` ends."""
+
+    def __init__(
+        self,
+        gateway: FeedbackGateway,
+        producer: bus.Producer,
+        tails: list[TopicTail],
+    ) -> None:
+        self.gateway = gateway
+        self._producer = producer
+        self._tails = tails
+
+    def close(self) -> None:
+        self.gateway.close()
+        self._producer.flush(timeout_s=10)
+        self._producer.close()
+        for tail in self._tails:
+            tail.stop()
+
+
+def open_gateway(
+    config: GatewayConfig, registry: CollectorRegistry, *, startup_timeout_s: float
+) -> GatewayApp:
+    """Connects to Kafka and rebuilds the dedupe index (blocking); call before serving.
+
+    Raises ``TimeoutError`` when the event topics cannot be read within ``startup_timeout_s``:
+    without the index a retried submission could be stored twice, so the gateway does not
+    start without it.
+    """
+    kafka = config.kafka
+    producer = bus.Producer(
+        kafka.bootstrap_servers,
+        client_id=kafka.client_id,
+        registry=registry,
+        linger_ms=kafka.linger_ms,
+        batch_size=kafka.batch_size,
+        delivery_timeout_ms=kafka.delivery_timeout_ms,
+    )
+    seen = SeenEvents()
+    generations = GenerationIndex(config.resolver.max_entries, config.resolver.ttl_s)
+    tails = [
+        TopicTail(
+            kafka.bootstrap_servers,
+            [topics.COMPARISONS, topics.DEMONSTRATIONS],
+            seen.add_record,
+            client_id=f"{kafka.client_id}-dedupe",
+            follow=kafka.follow_event_topics,
+            # Only event ids are read; the broker checked each batch's CRC when it was written
+            # and the trainer's consumer checks it again. Without the C crc32c package the
+            # check costs more than everything else the tail does.
+            check_crcs=False,
+        ),
+        TopicTail(
+            kafka.bootstrap_servers,
+            [topics.PROMPTS],
+            generations.add_record,
+            client_id=f"{kafka.client_id}-generations",
+        ),
+    ]
+    for tail in tails:
+        tail.start()
+    deadline = time.monotonic() + startup_timeout_s
+    try:
+        for tail in tails:
+            if not tail.wait_caught_up(max(0.0, deadline - time.monotonic())):
+                raise TimeoutError(
+                    f"could not read the history of {tail.name} from Kafka at "
+                    f"{kafka.bootstrap_servers} within {startup_timeout_s:g} s"
+                )
+    except BaseException:
+        for tail in tails:
+            tail.stop()
+        producer.close()
+        raise
+    log.info(
+        "feedback gateway ready: %d stored events, %d served generations indexed",
+        len(seen),
+        len(generations),
+    )
+    gateway = FeedbackGateway(config, producer, generations, seen, registry)
+    return GatewayApp(gateway, producer, tails)
