@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from rlhf import bus, topics
 from rlhf.kafka_local import LocalKafka
 from rlhf.runtime import ServerRuntime
+from rlhf.split import split_for_user
 from rlhf.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc
 from services.feedback.config import KafkaConfig, ResolverConfig
 from services.feedback.gateway import event_id_for, record_key
@@ -31,7 +32,6 @@ from services.feedback.server import (
     FeedbackServerConfig,
     add_servicers,
 )
-from services.feedback.split import split_for_user
 from services.feedback.tail import TopicTail
 from tests.conftest import start_broker
 

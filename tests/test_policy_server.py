@@ -21,8 +21,8 @@ from prometheus_client import CollectorRegistry
 from rlhf import bus, topics
 from rlhf.kafka_local import free_port
 from rlhf.models import build_tiny
+from rlhf.split import split_for_user
 from rlhf.v1 import events_pb2, inference_pb2, inference_pb2_grpc
-from services.feedback.split import split_for_user
 from services.policy.config import (
     EngineConfig,
     LimitsConfig,

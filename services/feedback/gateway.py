@@ -39,13 +39,13 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client import Counter as MetricCounter
 
 from rlhf import bus, topics
+from rlhf.split import split_for_user
 from rlhf.v1 import events_pb2, feedback_pb2
 from services.feedback.config import GatewayConfig
 from services.feedback.dedupe import SeenEvents
 from services.feedback.generations import GenerationIndex
 from services.feedback.outbox import Outbox
 from services.feedback.pii import Redactor
-from services.feedback.split import split_for_user
 from services.feedback.tail import TopicTail
 from services.feedback.validate import (
     Rejection,

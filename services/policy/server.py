@@ -25,10 +25,10 @@ from rlhf import bus
 from rlhf.config import parse_config
 from rlhf.pool import ModelPool, NotServing
 from rlhf.runtime import Scope, ServerRuntime
-from rlhf.v1 import admin_pb2_grpc, events_pb2, inference_pb2, inference_pb2_grpc
 
-# The gateway's split function: one definition, so a user lands in the same split everywhere.
-from services.feedback.split import split_for_user
+# One split function for every process, so a user lands in the same split everywhere.
+from rlhf.split import split_for_user
+from rlhf.v1 import admin_pb2_grpc, events_pb2, inference_pb2, inference_pb2_grpc
 from services.policy import versions
 from services.policy.config import LimitsConfig, PolicyServerConfig
 from services.policy.engine import (
