@@ -1,0 +1,179 @@
+"""Held-out evaluation of reward models and policies (what the gates compare).
+
+Sampling is seeded inside a forked RNG, so the candidate and the published policy answer
+the same prompts with the same random numbers and a gate compares like with like.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf import models
+from rlhf.models import RewardModel
+from trainer import losses, ppo
+from trainer import rm as rm_steps
+from trainer import sft as sft_steps
+from trainer.data import Comparison, Demonstration
+from trainer.gates import PolicyEval, RMEval
+
+
+@dataclass(frozen=True)
+class Lengths:
+    max_prompt_tokens: int
+    max_response_tokens: int
+
+
+def rm_accuracy(
+    rm: RewardModel,
+    tok: PreTrainedTokenizerBase,
+    comparisons: Sequence[Comparison],
+    lengths: Lengths,
+    batch_prompts: int = 16,
+) -> RMEval:
+    """Pairwise accuracy over all untied pairs of ``comparisons`` (ties in reward count half)."""
+    correct = pairs = 0.0
+    for i in range(0, len(comparisons), batch_prompts):
+        chunk = comparisons[i : i + batch_prompts]
+        batch = rm_steps.encode_rankings(
+            tok,
+            [c.prompt for c in chunk],
+            [list(c.responses) for c in chunk],
+            [list(c.ranks) for c in chunk],
+            lengths.max_prompt_tokens,
+            lengths.max_response_tokens,
+        )
+        stats = rm_steps.rm_eval(rm, batch)
+        correct += stats.accuracy * stats.pairs
+        pairs += stats.pairs
+    return RMEval(accuracy=correct / pairs if pairs else None, pairs=int(pairs))
+
+
+@torch.no_grad()
+def ptx_loss(
+    policy: PreTrainedModel, tok: PreTrainedTokenizerBase, texts: Sequence[str], max_tokens: int
+) -> float | None:
+    """Mean LM loss (nats/token) on held-out pretraining text."""
+    if not texts:
+        return None
+    ids, mask = models.encode_texts(tok, texts, max_tokens)
+    ids, mask = ids.to(policy.device), mask.to(policy.device)
+    with models.autocast(policy.device):
+        logits = policy(input_ids=ids, attention_mask=mask).logits
+    return float(losses.ptx_loss(logits, ids, mask))
+
+
+def sft_loss(
+    policy: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    demos: Sequence[Demonstration],
+    lengths: Lengths,
+    batch_size: int = 32,
+) -> float | None:
+    """Mean response-token CE on held-out demonstrations (batch means, averaged)."""
+    if not demos:
+        return None
+    values = []
+    for i in range(0, len(demos), batch_size):
+        chunk = demos[i : i + batch_size]
+        batch = models.encode_pairs(
+            tok,
+            [d.prompt for d in chunk],
+            [d.response for d in chunk],
+            lengths.max_prompt_tokens,
+            lengths.max_response_tokens,
+        )
+        values.append(sft_steps.sft_eval(policy, batch) * len(chunk))
+    return sum(values) / len(demos)
+
+
+@dataclass(frozen=True)
+class Samples:
+    """What a policy answered on the evaluation prompts, and how it scored."""
+
+    prompts: list[str]
+    responses: list[str]
+    rewards: list[float]
+    kl: list[float]
+
+
+@torch.no_grad()
+def sample_and_score(
+    policy: PreTrainedModel,
+    reference: PreTrainedModel,
+    rm: RewardModel,
+    tok: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    max_prompt_tokens: int,
+    temperature: float,
+    seed: int,
+    batch_size: int = 64,
+) -> Samples:
+    """One sampled response per prompt with its RM reward and KL(π || π_SFT) in nats."""
+    responses: list[str] = []
+    rewards: list[float] = []
+    kl: list[float] = []
+    with torch.random.fork_rng(devices=[policy.device] if policy.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for i in range(0, len(prompts), batch_size):
+            # The RM stands in for the value network: rollout's advantages are not used here.
+            ro = ppo.rollout(
+                policy,
+                reference,
+                rm,
+                rm,
+                tok,
+                list(prompts[i : i + batch_size]),
+                beta=0.0,
+                max_new_tokens=max_new_tokens,
+                max_prompt_tokens=max_prompt_tokens,
+                temperature=temperature,
+                whiten_advantages=False,
+            )
+            responses += ro.responses
+            rewards += ro.rm_score.float().cpu().tolist()
+            kl += ro.kl.float().cpu().tolist()
+    return Samples(list(prompts), responses, rewards, kl)
+
+
+def policy_eval(
+    policy: PreTrainedModel,
+    reference: PreTrainedModel,
+    rm: RewardModel | None,
+    tok: PreTrainedTokenizerBase,
+    *,
+    prompts: Sequence[str],
+    ptx_texts: Sequence[str],
+    demos: Sequence[Demonstration],
+    lengths: Lengths,
+    max_new_tokens: int,
+    temperature: float,
+    ptx_tokens: int,
+    seed: int,
+) -> tuple[PolicyEval, Samples | None]:
+    samples = None
+    if rm is not None and prompts:
+        samples = sample_and_score(
+            policy,
+            reference,
+            rm,
+            tok,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            max_prompt_tokens=lengths.max_prompt_tokens,
+            temperature=temperature,
+            seed=seed,
+        )
+    result = PolicyEval(
+        mean_reward=sum(samples.rewards) / len(samples.rewards) if samples else None,
+        kl=sum(samples.kl) / len(samples.kl) if samples else None,
+        ptx_loss=ptx_loss(policy, tok, ptx_texts, ptx_tokens),
+        sft_loss=sft_loss(policy, tok, demos, lengths),
+        prompts=len(prompts) if samples else 0,
+    )
+    return result, samples

@@ -1,0 +1,169 @@
+"""``rlhf train``: the online trainer process.
+
+Builds everything explicitly — config, metrics registry and ``/metrics`` endpoint, Kafka
+producer and consumer, corpus, trainer — then runs rounds until SIGTERM (or
+``schedule.max_rounds``). On start it resumes from the registry: the consumer starts at the
+offsets of the latest checkpoint manifest (re-reading the history below them when
+``data.replay_on_start``), whatever the group committed; with an empty registry it starts
+from the models of ``rlhf model init`` in ``base_model`` and the beginning of the topics.
+
+SIGTERM stops between steps: a round in progress is dropped (nothing of it was published or
+committed), so a stop never takes longer than one optimizer step or one generation batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from prometheus_client import CollectorRegistry, start_http_server
+
+from rlhf import bus, checkpoint
+from rlhf.config import parse_config
+from trainer import registry as registry_lib
+from trainer.config import TrainerConfig
+from trainer.corpus import PretrainCorpus
+from trainer.data import Offsets, StreamReader, StreamTopics, TrainingData
+from trainer.metrics import TrainerMetrics
+from trainer.registry import POLICY, REWARD
+from trainer.rounds import Trainer
+
+log = logging.getLogger("rlhf.trainer")
+
+
+def resume_offsets(registry: Path) -> Offsets:
+    """Where to continue reading: the offsets in the latest checkpoint manifests.
+
+    Each publish records the trainer's resume offsets for all partitions and they only grow,
+    so the per-partition maximum over the roles' latest manifests is the latest state.
+    """
+    out: Offsets = {}
+    for role in (POLICY, REWARD):
+        path = checkpoint.latest(registry, role)
+        if path is None:
+            continue
+        for key, offset in checkpoint.read_manifest(path).partition_offsets().items():
+            out[key] = max(out.get(key, 0), offset)
+    return out
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda but torch sees no CUDA device")
+    return device
+
+
+def check_models(cfg: TrainerConfig) -> None:
+    needs_base = checkpoint.latest(cfg.registry, POLICY) is None or (
+        checkpoint.latest(cfg.registry, REWARD) is None
+    )
+    base = cfg.base_model
+    if needs_base and not (base / "policy").is_dir():
+        raise FileNotFoundError(
+            f"the registry {cfg.registry} has no models yet and {base}/policy does not exist; "
+            f"create the initial models with `rlhf model init --out {base}`"
+        )
+
+
+def run(
+    cfg: TrainerConfig,
+    *,
+    registry: CollectorRegistry | None = None,
+    stop: threading.Event | None = None,
+    serve_metrics: bool = True,
+) -> Trainer:
+    """Runs the trainer until ``stop`` is set (or max_rounds); returns it for inspection."""
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    check_models(cfg)
+    stale = checkpoint.remove_stale_staging(cfg.registry)
+    if stale:
+        log.info("removed %d unfinished checkpoint(s) left by a crash", len(stale))
+    resume = resume_offsets(cfg.registry)
+    prom = registry if registry is not None else CollectorRegistry()
+    metrics = TrainerMetrics(prom)
+    if serve_metrics and cfg.metrics_port:
+        start_http_server(cfg.metrics_port, registry=prom)
+    stream_topics = StreamTopics.with_prefix(cfg.topic_prefix)
+    bus.ensure_topics(cfg.bootstrap_servers, [*stream_topics.inputs(), stream_topics.models])
+    # The bus registers the same metric names for producers and consumers; the consumer's
+    # (records read, dead letters) are the ones a trainer operator watches.
+    producer = bus.Producer(cfg.bootstrap_servers, client_id=cfg.client_id)
+    consumer = bus.Consumer(
+        cfg.bootstrap_servers,
+        stream_topics.inputs(),
+        group_id=cfg.group_id,
+        client_id=cfg.client_id,
+        registry=prom,
+        dead_letter=producer,
+        start_offsets=StreamReader.start_offsets(stream_topics, resume, cfg.data.replay_on_start),
+        # Rounds do not poll; a long one must not cost the trainer its partitions.
+        max_poll_interval_ms=3_600_000,
+        session_timeout_ms=int(cfg.data.session_timeout_s * 1000),
+        heartbeat_interval_ms=int(cfg.data.session_timeout_s * 1000 / 3),
+    )
+    log.info("resuming from %s", _describe(resume) or "the beginning of the topics")
+    reader = StreamReader(
+        consumer, TrainingData(cfg.data), stream_topics, resume, cfg.data, metrics
+    )
+    trainer = Trainer(
+        cfg,
+        reader=reader,
+        producer=producer,
+        metrics=metrics,
+        stream_topics=stream_topics,
+        corpus=PretrainCorpus(cfg.pretrain_corpus, cfg.ptx_holdout_fraction),
+        device=device,
+        stop=stop,
+    )
+    try:
+        announced = registry_lib.announced_event_ids(
+            cfg.bootstrap_servers, stream_topics.models, client_id=cfg.client_id
+        )
+        trainer.resume_from(resume, announced)
+        trainer.run()
+    finally:
+        consumer.close()
+        producer.close()
+    return trainer
+
+
+def _describe(offsets: Mapping[tuple[str, int], int]) -> str:
+    return ", ".join(f"{t}[{p}]@{o}" for (t, p), o in sorted(offsets.items()))
+
+
+def main(argv: list[str]) -> int:
+    cfg = parse_config(
+        TrainerConfig,
+        argv,
+        prog="rlhf train",
+        description="Run the online trainer: SFT, K-way reward model and PPO-ptx rounds from Kafka.",
+        env_prefix="RLHF_TRAIN_",
+    )
+    logging.basicConfig(
+        level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        run(cfg, stop=stop)
+    except (FileNotFoundError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2
+    return 0

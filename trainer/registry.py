@@ -1,0 +1,98 @@
+"""Which published models a round starts from, and the model event that announces a version.
+
+SFT and PPO-ptx continue the latest policy. PPO's KL reference is the latest policy an SFT
+round published (the base model before that). RM rounds continue the latest trained reward
+model; the first one starts from the SFT policy's trunk (the paper) or else the initial RM.
+Initial models are the registry's "init" versions (``rlhf model seed``) or the output of
+``rlhf model init`` in ``base_model`` (``<base>/policy``, ``<base>/reward``).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from rlhf import bus, checkpoint, lifecycle, models
+from rlhf.topics import Topic
+from rlhf.v1 import events_pb2
+
+POLICY, REWARD = "policy", "reward"
+_EVENTS = uuid.UUID("3c1f6b1e-94a2-4a53-8f51-0d6f8a7e2c40")
+
+
+def policy_dir(registry: Path, base: Path) -> Path:
+    return checkpoint.latest(registry, POLICY) or base / POLICY
+
+
+def reference_dir(registry: Path, base: Path) -> Path:
+    """The frozen reference of PPO's KL penalty: the latest policy an SFT round published, or
+    the initial policy (``rlhf model seed``'s "init" version, else the base model)."""
+    for version in reversed(checkpoint.list_versions(registry, POLICY)):
+        path = registry / POLICY / version
+        if checkpoint.read_manifest(path).round_type in ("sft", "init"):
+            return path
+    return base / POLICY
+
+
+def trained_rm(registry: Path) -> Path | None:
+    """The latest reward model an RM round trained from feedback (not an initial one)."""
+    for version in reversed(checkpoint.list_versions(registry, REWARD)):
+        path = registry / REWARD / version
+        if checkpoint.read_manifest(path).round_type == "rm":
+            return path
+    return None
+
+
+def load_rm(registry: Path, base: Path, device: str) -> tuple[models.RewardModel, Any]:
+    """The RM a round starts from: the latest trained one; before any, the paper's
+    initialisation from the SFT policy's trunk; without an SFT policy, the initial RM."""
+    trained = trained_rm(registry)
+    if trained is not None:
+        return models.load_reward_model(trained, device)
+    reference = reference_dir(registry, base)
+    if reference != base / POLICY and checkpoint.read_manifest(reference).round_type == "sft":
+        return models.reward_model_from_policy(reference, device)
+    initial = checkpoint.latest(registry, REWARD) or base / REWARD
+    return models.load_reward_model(initial, device)
+
+
+def announcements(
+    manifest: checkpoint.Manifest, path: Path, *, auto_promote: bool
+) -> list[events_pb2.ModelEvent]:
+    """PUBLISHED (and PROMOTED when auto-promoting) for a new version.
+
+    Event ids derive from the version, so re-announcing after a restart repeats the same
+    events, which followers apply once: a restart never re-promotes a rolled-back version.
+    """
+    events = lifecycle.published_events(
+        manifest, path.resolve(), auto_promote=auto_promote, actor="trainer"
+    )
+    for event in events:
+        kind = events_pb2.ModelEventKind.Name(event.kind)
+        event.event_id = uuid.uuid5(_EVENTS, f"{kind}:{manifest.version}").hex
+        event.created_at_ms = manifest.created_at_ms
+    return events
+
+
+def announced_event_ids(
+    bootstrap_servers: str, topic: Topic, *, client_id: str, timeout_s: float = 60.0
+) -> set[str]:
+    """Ids of the events on the models topic, read to its end (it is small and compacted)."""
+    consumer = bus.Consumer(
+        bootstrap_servers, [topic], group_id=f"{client_id}-models-{uuid.uuid4().hex[:8]}",
+        client_id=client_id,
+    )  # fmt: skip
+    ids: set[str] = set()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            ids |= {r.value.event_id for r in consumer.poll(timeout_s=0.5)}  # type: ignore[attr-defined]
+            positions = consumer.positions()
+            ends = consumer.end_offsets() if positions else {}
+            if positions and all(positions.get(k, 0) >= end for k, end in ends.items()):
+                return ids
+    finally:
+        consumer.close()
+    raise TimeoutError(f"could not read {topic.name} to its end in {timeout_s}s")
