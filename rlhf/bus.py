@@ -15,9 +15,10 @@ import contextlib
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from google.protobuf.message import DecodeError, Message
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
@@ -69,8 +70,23 @@ class Record:
 
 
 class _BusMetrics:
-    def __init__(self, registry: CollectorRegistry | None) -> None:
-        registry = registry if registry is not None else CollectorRegistry()
+    """The bus's counters in one registry, shared by every producer and consumer using it."""
+
+    _by_registry: ClassVar[weakref.WeakKeyDictionary[CollectorRegistry, _BusMetrics]] = (
+        weakref.WeakKeyDictionary()
+    )
+    _lock: ClassVar[threading.Lock] = threading.Lock()
+
+    @classmethod
+    def of(cls, registry: CollectorRegistry | None) -> _BusMetrics:
+        if registry is None:
+            return cls(CollectorRegistry())
+        with cls._lock:
+            if registry not in cls._by_registry:
+                cls._by_registry[registry] = cls(registry)
+            return cls._by_registry[registry]
+
+    def __init__(self, registry: CollectorRegistry) -> None:
         self.produced = Counter(
             "rlhf_bus_records_produced_total",
             "Records acked by Kafka",
@@ -129,7 +145,7 @@ class Producer:
         }
         config.update(overrides)
         self._producer = KafkaProducer(**config)
-        self._metrics = _BusMetrics(registry)
+        self._metrics = _BusMetrics.of(registry)
 
     def send(self, topic: Topic, record: Message, *, key: str) -> FutureRecordMetadata:
         """Queues ``record``; the returned future resolves once Kafka acked it."""
@@ -207,7 +223,7 @@ class Consumer:
     ) -> None:
         self._topics = {t.name: t for t in topics}
         self._dead_letter = dead_letter
-        self._metrics = _BusMetrics(registry)
+        self._metrics = _BusMetrics.of(registry)
         self._start_offsets = dict(start_offsets or {})
         self._lock = threading.Lock()
         config: dict[str, Any] = {

@@ -214,3 +214,22 @@ def test_kafka_security_settings_come_from_the_environment():
     assert bus.security_from_env({"RLHF_KAFKA_SECURITY_PROTOCOL": "SSL"}) == {
         "security_protocol": "SSL"
     }
+
+
+def test_producers_and_consumers_share_one_metrics_registry(kafka):
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    topic = fresh_topic(kafka, partitions=1)
+    p = bus.Producer(kafka.bootstrap_servers, client_id="m1", registry=registry)
+    dlq = bus.Producer(kafka.bootstrap_servers, client_id="m2", registry=registry)
+    c = new_consumer(kafka, topic, "metrics", registry=registry, dead_letter=dlq)
+    try:
+        p.send_sync(topic, demo(1), key="k")
+        assert len(consume(c, 1)) == 1
+    finally:
+        c.close()
+        p.close()
+        dlq.close()
+    assert registry.get_sample_value("rlhf_bus_records_produced_total", {"topic": topic.name}) == 1
+    assert registry.get_sample_value("rlhf_bus_records_consumed_total", {"topic": topic.name}) == 1
