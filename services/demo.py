@@ -133,6 +133,15 @@ def scrape(port: int, metric: str) -> float:
     return total
 
 
+# Eval metrics of a version worth a glance: (manifest key, label).
+_SHOWN_METRICS = (
+    ("val_mean_reward", "val reward"),
+    ("val_kl", "KL"),
+    ("val_ptx_loss", "ptx loss"),
+    ("val_sft_loss", "val SFT loss"),
+)
+
+
 class Summary:
     """What the demo has seen: versions and their metrics, and the property per version."""
 
@@ -166,15 +175,33 @@ class Summary:
                 f"{accepted:.0f} (rankings {self.rankings}, demos {self.demonstrations})  "
                 f"trainer rounds {rounds:.0f}  client errors {self.errors}"
             ]
+            rms = sorted(v for v in self.metrics if v.startswith("reward-"))
+            trained_rms = [v for v in rms if "val_accuracy" in self.metrics[v]]
             if state is not None:
-                lines.append(f"   policy versions {len(state.versions)}, promoted {state.promoted}")
-            for version in sorted(self.by_version):
+                rm = (
+                    f"RM {trained_rms[-1]} val accuracy "
+                    f"{self.metrics[trained_rms[-1]]['val_accuracy']:.3f}"
+                    if trained_rms
+                    else "RM not trained yet"
+                )
+                lines.append(
+                    f"   policy versions published {len(state.versions)}, promoted "
+                    f"{state.promoted}; reward versions {len(rms)}, {rm}"
+                )
+            # The first version and the latest few: the trend, not the whole history.
+            shown = sorted(self.by_version)
+            if len(shown) > 7:
+                shown = [shown[0], *shown[-6:]]
+            for version in shown:
                 scores = self.by_version[version]
                 m = self.metrics.get(version, {})
-                shown = ", ".join(f"{k} {v:.3g}" for k, v in sorted(m.items())[:5])
+                details = ", ".join(
+                    f"{label} {m[key]:.3g}" for key, label in _SHOWN_METRICS if key in m
+                )
                 lines.append(
-                    f"   {version}: '{self.preference.target}' rate {sum(scores) / len(scores):.3f} "
-                    f"over {len(scores)} responses{'  [' + shown + ']' if shown else ''}"
+                    f"   {version}: '{self.preference.target}' rate "
+                    f"{sum(scores) / len(scores):.3f} over {len(scores)} responses"
+                    + (f"  [{details}]" if details else "")
                 )
             return "\n".join(lines)
 
@@ -352,6 +379,9 @@ def label_loop(
 
 
 def main(argv: list[str]) -> int:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     cfg = parse_config(DemoConfig, argv, prog="rlhf demo", description=__doc__ or "",
                        env_prefix="RLHF_DEMO_")  # fmt: skip
