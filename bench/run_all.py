@@ -33,7 +33,9 @@ def main() -> int:
             print(lines[-1], flush=True)
         except (IndexError, json.JSONDecodeError):
             failed += 1
-            print(f"{script.name} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}", flush=True)
+            print(
+                f"{script.name} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}", flush=True
+            )
     print(json.dumps({"bench": "all", "results": results, "failed": failed}))
     return 1 if failed else 0
 

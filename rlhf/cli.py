@@ -9,15 +9,15 @@ from collections.abc import Callable, Sequence
 
 
 def _kafka(argv: list[str]) -> int:
-    from rlhf import kafka_local
+    from rlhf.kafka_local import main
 
-    return kafka_local.main(argv)
+    return main(argv)
 
 
 def _model(argv: list[str]) -> int:
-    from rlhf import models
+    from rlhf.models import main
 
-    return models.main(argv)
+    return main(argv)
 
 
 def _serve(argv: list[str]) -> int:
@@ -33,45 +33,45 @@ def _serve(argv: list[str]) -> int:
 
 
 def _serve_policy(argv: list[str]) -> int:
-    from services.policy import server
+    from services.policy.server import main
 
-    return server.main(argv)
+    return main(argv)
 
 
 def _serve_reward(argv: list[str]) -> int:
-    from services.reward import server
+    from services.reward.server import main
 
-    return server.main(argv)
+    return main(argv)
 
 
 def _serve_feedback(argv: list[str]) -> int:
-    from services.feedback import server
+    from services.feedback.server import main
 
-    return server.main(argv)
+    return main(argv)
 
 
 def _feedback(argv: list[str]) -> int:
-    from services.feedback import importer
+    from services.feedback.importer import main
 
-    return importer.main(argv)
+    return main(argv)
 
 
 def _train(argv: list[str]) -> int:
-    from trainer import main as trainer_main
+    from trainer.main import main
 
-    return trainer_main.main(argv)
+    return main(argv)
 
 
 def _admin(argv: list[str]) -> int:
-    from services.admin import cli as admin_cli
+    from services.admin.cli import main
 
-    return admin_cli.main(argv)
+    return main(argv)
 
 
 def _demo(argv: list[str]) -> int:
-    from services import demo
+    from services.demo import main
 
-    return demo.main(argv)
+    return main(argv)
 
 
 COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {

@@ -319,7 +319,9 @@ def run(cfg: DemoConfig) -> int:
     report = summary.report(initial)
     print(json.dumps({"demo": report}))
     if cfg.require_new_version:
-        trained = [v for v in report["served_versions"] if v != initial]  # type: ignore[union-attr]
+        served = report["served_versions"]
+        assert isinstance(served, list)
+        trained = [v for v in served if v != initial]
         if not trained or report["promoted"] == initial:
             print("error: no trained policy version was promoted and served", file=sys.stderr)
             return 1

@@ -86,5 +86,7 @@ def test_a_section_keeps_its_own_default_factory():
         inner: Inner = dc.field(default_factory=lambda: Inner(beta=0.5), metadata={"help": "x"})
 
     assert load_config(Outer).inner == Inner(beta=0.5)
-    assert load_config(Outer, flags={"inner.enabled": "true"}).inner == Inner(beta=0.5, enabled=True)
+    assert load_config(Outer, flags={"inner.enabled": "true"}).inner == Inner(
+        beta=0.5, enabled=True
+    )
     assert load_config(Outer, flags={"inner.beta": "0.1"}).inner.beta == 0.1
