@@ -70,6 +70,20 @@ class _PoolMetrics:
             "Share of users routed to the canary",
             registry=registry,
         )
+        # Per-version traffic and latency, so a canary can be compared with the promoted one.
+        self.requests = Counter(
+            f"rlhf_{component}_version_requests_total",
+            "Requests served, by the model version they ran on",
+            ["version"],
+            registry=registry,
+        )
+        self.request_seconds = Histogram(
+            f"rlhf_{component}_version_request_duration_seconds",
+            "Time a request held its model version (queue + compute), by version",
+            ["version"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            registry=registry,
+        )
         self.serving = Gauge(
             f"rlhf_{component}_model_info",
             "1 for the version new requests go to by default",
@@ -216,9 +230,12 @@ class ModelPool(Generic[M]):
             if slot is None:
                 raise KeyError(version)
             slot.leases += 1
+        started = time.monotonic()
         try:
             yield slot.model
         finally:
+            self._metrics.requests.labels(version).inc()
+            self._metrics.request_seconds.labels(version).observe(time.monotonic() - started)
             with self._lock:
                 slot.leases -= 1
                 if slot.leases == 0:

@@ -71,6 +71,9 @@ def test_swap_keeps_leased_versions_until_their_last_request(tmp_path):
     assert metrics.get_sample_value("rlhf_pooltest_swaps_total", {"outcome": "loaded"}) == 2
     assert metrics.get_sample_value("rlhf_pooltest_model_info", {"version": v2}) == 1
     assert metrics.get_sample_value("rlhf_pooltest_model_info", {"version": v1}) == 0
+    # Per-version request counts, for comparing a canary with the promoted version.
+    assert metrics.get_sample_value("rlhf_pooltest_version_requests_total", {"version": v1}) == 1
+    assert metrics.get_sample_value("rlhf_pooltest_version_requests_total", {"version": v2}) is None
 
 
 def test_corrupt_or_failing_versions_are_rejected_and_serving_goes_on(tmp_path):
