@@ -19,7 +19,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry
 
@@ -32,6 +32,44 @@ from services.admin.service import AdminServicer
 log = logging.getLogger(__name__)
 
 M = TypeVar("M")
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = option(
+        "",
+        "one fixed model directory to serve (a Hugging Face causal LM for the policy server, "
+        "a reward-model directory for the reward server); empty: follow --model.registry",
+    )
+    registry: str = option("", "checkpoint registry to follow (hot swap); used when path is empty")
+    version: str = option(
+        "", "version name to report for --model.path; empty: its manifest's, else the folder name"
+    )
+    device: str = option("auto", "torch device: auto (cuda when available), cpu, cuda, cuda:1 ...")
+    dtype: str = option(
+        "auto", f"weights dtype: {', '.join(DTYPES)} (auto: bf16 on GPU, fp32 on CPU)"
+    )
+
+    def __post_init__(self) -> None:
+        if not self.path and not self.registry:
+            raise ValueError("set --model.path or --model.registry")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+    def placement(self) -> tuple[Any, Any]:
+        """(torch device, torch dtype or None for the loader's default) to load onto."""
+        import torch
+
+        device = torch.device(
+            ("cuda" if torch.cuda.is_available() else "cpu")
+            if self.device == "auto"
+            else self.device
+        )
+        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        return device, dtypes.get(self.dtype)
 
 
 @dataclass(frozen=True)

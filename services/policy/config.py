@@ -6,33 +6,7 @@ from dataclasses import dataclass
 
 from rlhf.config import option, section
 from rlhf.runtime import RuntimeConfig
-from services.serving import FollowConfig
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    path: str = option(
-        "",
-        "model directory (any Hugging Face causal LM, or a registry checkpoint); "
-        "empty: the latest policy in --model.registry",
-    )
-    registry: str = option("", "checkpoint registry; used when --model.path is empty")
-    version: str = option(
-        "",
-        "version name to report; empty: the checkpoint manifest's version, else the directory name",
-    )
-    device: str = option("auto", "torch device: auto (cuda when available), cpu, cuda, cuda:1 ...")
-    dtype: str = option(
-        "auto", f"weights dtype: {', '.join(DTYPES)} (auto: bf16 on GPU, fp32 on CPU)"
-    )
-
-    def __post_init__(self) -> None:
-        if not self.path and not self.registry:
-            raise ValueError("set --model.path or --model.registry")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"model.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+from services.serving import FollowConfig, ModelConfig
 
 
 @dataclass(frozen=True)

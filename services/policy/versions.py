@@ -12,26 +12,17 @@ from pathlib import Path
 import torch
 
 from rlhf.models import load_policy
-from services.policy.config import ModelConfig
 from services.policy.engine import LoadedPolicy
-from services.serving import version_of
+from services.serving import ModelConfig, version_of
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def load(path: Path, config: ModelConfig) -> LoadedPolicy:
     """Loads the policy in ``path`` on the configured device and dtype (checksums are the
     pool's job, before this runs)."""
-    device = resolve_device(config.device)
-    model, tokenizer = load_policy(path, device, _DTYPES.get(config.dtype))
+    device, dtype = config.placement()
+    model, tokenizer = load_policy(path, device, dtype)
     version = version_of(path, config.version if config.path else "")
     log.info(
         "loaded policy %s from %s on %s (%s)", version, path, device, next(model.parameters()).dtype

@@ -23,9 +23,9 @@ from rlhf.models import load_reward_model
 from rlhf.pool import ModelPool, NotServing
 from rlhf.runtime import Scope, ServerRuntime
 from rlhf.v1 import admin_pb2_grpc, events_pb2, reward_pb2, reward_pb2_grpc
-from services.reward.config import LimitsConfig, ModelConfig, RewardServerConfig
+from services.reward.config import LimitsConfig, RewardServerConfig
 from services.reward.scorer import BatchScorer, LoadedRewardModel, QueueFull, ScorerStopped
-from services.serving import ServingModels, version_of
+from services.serving import ModelConfig, ServingModels, version_of
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +33,13 @@ REWARD = "rlhf.v1.RewardService"
 SERVICES = {REWARD: Scope.INFER}
 # Texts longer than this are tokenised off the event loop so they cannot stall other calls.
 INLINE_TOKENIZE_CHARS = 8192
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def load(path: Path, config: ModelConfig) -> LoadedRewardModel:
     """Loads the reward model in ``path`` on the configured device and dtype (checksums are
     the pool's job, before this runs)."""
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu")
-        if config.device == "auto"
-        else config.device
-    )
-    model, tokenizer = load_reward_model(path, device, _DTYPES.get(config.dtype))
+    device, dtype = config.placement()
+    model, tokenizer = load_reward_model(path, device, dtype)
     version = version_of(path, config.version if config.path else "")
     log.info(
         "loaded reward model %s from %s on %s (bias %.4f)", version, path, device, float(model.bias)
