@@ -27,11 +27,13 @@ from rlhf import bus, checkpoint, topics
 from rlhf.config import option
 from rlhf.lifecycle import ROLE_NAMES, Kind, ModelFollower, ModelState, model_event
 from rlhf.pool import ModelPool
+from rlhf.runtime import Scope
 from services.admin.service import AdminServicer
 
 log = logging.getLogger(__name__)
 
 M = TypeVar("M")
+ADMIN_SERVICE = "rlhf.v1.AdminService"
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -179,6 +181,15 @@ class ServingModels(Generic[M]):
         if self._producer is not None:
             self._producer.close()
         self.pool.close()
+
+    def services(self, own: dict[str, Scope]) -> dict[str, Scope]:
+        """The server's gRPC services and their scopes: its own, plus AdminService when enabled."""
+        return {**own, ADMIN_SERVICE: Scope.ADMIN} if self.admin_enabled else own
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Blocks until a version takes requests (a server started in a thread, for tests)."""
+        if not self.pool.wait_any(timeout_s):
+            raise TimeoutError(f"no {self.component} version loaded within {timeout_s}s")
 
     @property
     def admin_enabled(self) -> bool:

@@ -50,7 +50,6 @@ log = logging.getLogger(__name__)
 
 INFERENCE = "rlhf.v1.InferenceService"
 SERVICES = {INFERENCE: Scope.INFER}
-ADMIN_SERVICES = {"rlhf.v1.AdminService": Scope.ADMIN}
 MAX_ID_CHARS = 256
 # Prompts longer than this are tokenised off the event loop so they cannot stall other calls.
 INLINE_TOKENIZE_CHARS = 8192
@@ -441,9 +440,7 @@ class PolicyServer:
 
     @property
     def services(self) -> dict[str, Scope]:
-        if self.models.admin_enabled:
-            return {**SERVICES, **ADMIN_SERVICES}
-        return SERVICES
+        return self.models.services(SERVICES)
 
     async def serve(self) -> None:
         await self.runtime.serve(self.add_servicers, self.services)
@@ -451,8 +448,7 @@ class PolicyServer:
     def start_in_thread(self, ready_timeout_s: float = 120.0) -> None:
         """Serves from a thread; returns once a model version takes requests."""
         self.runtime.start_in_thread(self.add_servicers, self.services)
-        if not self.pool.wait_any(ready_timeout_s):
-            raise TimeoutError(f"no policy version loaded within {ready_timeout_s}s")
+        self.models.wait_ready(ready_timeout_s)
 
     def stop_in_thread(self) -> None:
         self.runtime.stop_in_thread()

@@ -188,18 +188,15 @@ class RewardServer:
 
     @property
     def services(self) -> dict[str, Scope]:
-        if self.models.admin_enabled:
-            return {**SERVICES, "rlhf.v1.AdminService": Scope.ADMIN}
-        return SERVICES
+        return self.models.services(SERVICES)
 
     async def serve(self) -> None:
         await self.runtime.serve(self.add_servicers, self.services)
 
     def start_in_thread(self, ready_timeout_s: float = 120.0) -> None:
-        """Serves from a thread; returns once a reward-model version takes requests."""
+        """Serves from a thread; returns once a model version takes requests."""
         self.runtime.start_in_thread(self.add_servicers, self.services)
-        if not self.pool.wait_any(ready_timeout_s):
-            raise TimeoutError(f"no reward model loaded within {ready_timeout_s}s")
+        self.models.wait_ready(ready_timeout_s)
 
     def stop_in_thread(self) -> None:
         self.runtime.stop_in_thread()
