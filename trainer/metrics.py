@@ -121,3 +121,28 @@ class TrainerMetrics:
     def set_losses(self, round_type: str, losses: Mapping[str, float]) -> None:
         for name, value in losses.items():
             self.loss.labels(type=round_type, loss=name).set(value)
+
+    def record_round(self, round_type: str, m: Mapping[str, float]) -> None:
+        """The gauges of a round's candidate, from its manifest metrics."""
+        if round_type == "sft":
+            self.set_losses("sft", {"sft": m["sft_loss"]})
+            if "val_ptx_loss" in m:
+                self.ptx_loss.set(m["val_ptx_loss"])
+        elif round_type == "rm":
+            self.set_losses("rm", {"rm": m["rm_loss"]})
+            for split in ("val", "test"):
+                if f"{split}_accuracy" in m:
+                    self.rm_accuracy.labels(split=split).set(m[f"{split}_accuracy"])
+        elif round_type == "ppo":
+            losses = {"policy": m["train_policy_loss"], "value": m["train_value_loss"],
+                      "ptx": m["train_ptx_loss"]}  # fmt: skip
+            self.set_losses("ppo", losses)
+            self.clip_fraction.set(m["train_clip_frac"])
+            self.entropy.set(m["train_entropy"])
+            self.value_loss.set(m["train_value_loss"])
+            self.ptx_loss.set(m["train_ptx_loss"])
+            self.kl_beta.set(m["beta"])
+            if "val_mean_reward" in m:
+                self.mean_reward.set(m["val_mean_reward"])
+            if "val_kl" in m:
+                self.kl.set(m["val_kl"])

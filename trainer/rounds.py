@@ -23,45 +23,35 @@ event or the commit failed (both are retried before the next round). A failed ga
 error or a SIGTERM in the middle of a round publishes and commits nothing: the round's
 records stay pending, and the round type waits for more data or ``interval_s``.
 
-Which models a round starts from: ``trainer.registry``.
+What a round does: ``trainer.sft_round``, ``trainer.rm_round``, ``trainer.ppo_round`` (each
+returns a ``trainer.round.Candidate``). Which models a round starts from: ``trainer.registry``.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-import math
-import random
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import torch
 from kafka.errors import KafkaError
-from tqdm import tqdm
 
-from rlhf import bus, checkpoint, models
-from trainer import evaluate, losses, ppo
+from rlhf import bus, checkpoint
+from trainer import losses
 from trainer import registry as registry_lib
-from trainer import rm as rm_steps
-from trainer import sft as sft_steps
 from trainer.config import TrainerConfig
 from trainer.corpus import PretrainCorpus
 from trainer.data import StreamReader, StreamTopics
-from trainer.gates import GateResult, PolicyEval, policy_gate, rm_gate
+from trainer.gates import GateResult
 from trainer.metrics import TrainerMetrics
+from trainer.ppo_round import run_ppo_round
 from trainer.registry import POLICY, REWARD
+from trainer.rm_round import run_rm_round
+from trainer.round import Candidate, RoundAborted, RoundContext
+from trainer.sft_round import run_sft_round
 
 log = logging.getLogger(__name__)
-
-
-class RoundAborted(Exception):
-    """The trainer is stopping; the round's work is dropped (nothing was published)."""
 
 
 @dataclass
@@ -72,32 +62,6 @@ class RoundResult:
     metrics: dict[str, float] = field(default_factory=dict)
     gate: GateResult | None = None
     phases: dict[str, float] = field(default_factory=dict)  # seconds per phase
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A trained model ready for publishing, with its manifest metrics."""
-
-    role: str
-    save: Callable[[Path], None]
-    metrics: dict[str, float]
-    trained_ids: tuple[str, ...]
-    kind: str  # the data kind it consumed
-
-
-def cosine_schedule(total_steps: int, final_ratio: float) -> Callable[[int], float]:
-    """LR multiplier: cosine from 1 to ``final_ratio`` over ``total_steps`` (paper: to 10%)."""
-
-    def factor(step: int) -> float:
-        progress = min(1.0, step / max(1, total_steps))
-        return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
 
 
 class Trainer:
@@ -129,7 +93,6 @@ class Trainer:
         self._announced: set[str] = set()
         # Round type -> how much new data it had when it last failed a gate.
         self._held: dict[str, int] = {}
-        self._lengths = evaluate.Lengths(cfg.ppo.max_prompt_len, cfg.ppo.max_new_tokens)
         self._kl_ctl: losses.FixedKLController | losses.AdaptiveKLController = (
             losses.AdaptiveKLController(cfg.ppo.beta, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
             if cfg.ppo.adaptive_kl
@@ -224,20 +187,24 @@ class Trainer:
     def run_round(self, round_type: str) -> RoundResult:
         started = time.monotonic()
         result = RoundResult(round_type, "error")
+        ctx = RoundContext(
+            self.cfg, self.corpus, self.device, round_type, self.rounds_run, self.stop
+        )
         log.info("%s round started", round_type)
         try:
-            candidate, result.gate = {"sft": self._sft, "rm": self._rm, "ppo": self._ppo}[
-                round_type
-            ](result)
-            result.metrics = candidate.metrics
-            if not result.gate.passed:
+            candidate = self._train(ctx)
+            result.metrics, result.gate = candidate.metrics, candidate.gate
+            self.metrics.record_round(round_type, candidate.metrics)
+            if not candidate.gate.passed:
                 result.outcome = "gate_failed"
                 self._held[round_type] = self._new_data(round_type)
-                for failure in result.gate.failures:
+                for failure in candidate.gate.failures:
                     self.metrics.gate_failures.labels(type=round_type, gate=failure.gate).inc()
-                log.warning("%s round held back by gates: %s", round_type, result.gate.describe())
+                log.warning(
+                    "%s round held back by gates: %s", round_type, candidate.gate.describe()
+                )
             else:
-                with self._phase(result, "publish"):
+                with ctx.phase("publish"):
                     result.version = self._publish(round_type, candidate)
                     result.outcome = "published"
                     self._held.pop(round_type, None)
@@ -249,6 +216,9 @@ class Trainer:
             log.exception("%s round failed", round_type)
         finally:
             self._last_round = time.monotonic()
+        result.phases = ctx.phases
+        for phase, spent in ctx.phases.items():
+            self.metrics.phase_seconds.labels(type=round_type, phase=phase).inc(spent)
         duration = time.monotonic() - started
         if result.outcome != "aborted":
             self.metrics.rounds.labels(type=round_type, outcome=result.outcome).inc()
@@ -256,6 +226,29 @@ class Trainer:
         log.info("%s round %s in %.1fs %s", round_type, result.outcome, duration,
                  {k: round(v, 4) for k, v in result.metrics.items()})  # fmt: skip
         return result
+
+    def _train(self, ctx: RoundContext) -> Candidate:
+        """The round function of ``ctx.round_type`` on the buffers' current data."""
+        data = self.data
+        if ctx.round_type == "sft":
+            return run_sft_round(
+                ctx, list(data.pending_demonstrations), list(data.demonstrations["val"])
+            )
+        if ctx.round_type == "rm":
+            return run_rm_round(
+                ctx,
+                list(data.pending_comparisons),
+                val=list(data.comparisons["val"]),
+                test=list(data.comparisons["test"]),
+                bias_demos=[*data.demonstrations["train"], *data.demonstrations["val"]],
+            )
+        if ctx.round_type == "ppo":
+            val = [p.prompt for p in list(data.prompts["val"])[-self.cfg.gates.eval_prompts :]]
+            pool = [p.prompt for p in data.prompts["train"]]
+            return run_ppo_round(ctx, pool, val_prompts=val, kl_ctl=self._kl_ctl)
+        raise ValueError(f"unknown round type {ctx.round_type!r}")
+
+    # ------------------------------------------------------------------ publish protocol
 
     def _publish(self, round_type: str, candidate: Candidate) -> str:
         """Checkpoint, then model event, then commit: the order that makes restarts exact."""
@@ -296,273 +289,3 @@ class Trainer:
         self.announce_latest()
         self.reader.commit(self._unannounced)
         self._unannounced = None
-
-    # ------------------------------------------------------------------ helpers
-
-    @contextmanager
-    def _phase(self, result: RoundResult, phase: str) -> Any:
-        start = time.monotonic()
-        try:
-            yield
-        finally:
-            spent = time.monotonic() - start
-            result.phases[phase] = result.phases.get(phase, 0.0) + spent
-            self.metrics.phase_seconds.labels(type=result.round_type, phase=phase).inc(spent)
-
-    def _check_stop(self) -> None:
-        if self.stop.is_set():
-            raise RoundAborted()
-
-    def _progress(self, total: int, desc: str) -> tqdm:
-        show = {"on": True, "off": False}.get(self.cfg.progress, sys.stderr.isatty())
-        return tqdm(total=total, desc=desc, disable=not show, leave=False)
-
-    def _optimizer(self, params: Iterable[torch.nn.Parameter], lr: float, betas: Sequence[float],
-                   weight_decay: float = 0.0) -> torch.optim.AdamW:  # fmt: skip
-        return torch.optim.AdamW(
-            list(params), lr=lr, betas=(betas[0], betas[1]), weight_decay=weight_decay
-        )
-
-    def _val_prompts(self) -> list[str]:
-        return [p.prompt for p in list(self.data.prompts["val"])[-self.cfg.gates.eval_prompts :]]
-
-    def _policy_eval(
-        self, policy: Any, reference: Any, rm: Any, tok: Any, *, demos: bool
-    ) -> tuple[PolicyEval, Any]:
-        g = self.cfg.gates
-        return evaluate.policy_eval(
-            policy,
-            reference,
-            rm,
-            tok,
-            prompts=self._val_prompts(),
-            ptx_texts=self.corpus.holdout_examples(g.eval_ptx_examples),
-            demos=list(self.data.demonstrations["val"]) if demos else [],
-            lengths=self._lengths,
-            max_new_tokens=self.cfg.ppo.max_new_tokens,
-            temperature=self.cfg.ppo.temperature,
-            ptx_tokens=self.cfg.ppo.ptx_seq_len,
-            seed=self.cfg.seed,
-        )
-
-    # ------------------------------------------------------------------ SFT
-
-    def _sft(self, result: RoundResult) -> tuple[Candidate, GateResult]:
-        c = self.cfg.sft
-        demos = list(self.data.pending_demonstrations)
-        policy, tok = models.load_policy(
-            registry_lib.policy_dir(self.cfg.registry, self.cfg.base_model), self.device
-        )
-        with self._phase(result, "evaluation"):
-            before, _ = self._policy_eval(policy, policy, None, tok, demos=True)
-        steps = c.epochs * math.ceil(len(demos) / c.batch_size)
-        optimizer = self._optimizer(policy.parameters(), c.lr, c.adam_betas, c.weight_decay)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, cosine_schedule(steps, c.lr_final_ratio)
-        )
-        rng = random.Random(f"{self.cfg.seed}:sft:{demos[0].event_id if demos else ''}")
-        total = 0.0
-        with self._phase(result, "training"), self._progress(steps, "sft") as bar:
-            for _ in range(c.epochs):
-                order = rng.sample(demos, len(demos))
-                for chunk in _chunks(order, c.batch_size):
-                    self._check_stop()
-                    batch = models.encode_pairs(tok, [d.prompt for d in chunk], [d.response for d in chunk],
-                                                self._lengths.max_prompt_tokens, c.max_len)  # fmt: skip
-                    ptx = None
-                    if c.ptx_coef > 0:
-                        ptx = models.encode_texts(
-                            tok, self.corpus.sample(len(chunk), rng), self.cfg.ppo.ptx_seq_len
-                        )
-                    stats = sft_steps.sft_step(
-                        policy, optimizer, batch, ptx=ptx, ptx_coef=c.ptx_coef
-                    )
-                    schedule.step()
-                    total += stats.loss
-                    bar.update()
-        with self._phase(result, "evaluation"):
-            after, _ = self._policy_eval(policy, policy, None, tok, demos=True)
-        metrics = {"sft_loss": total / max(1, steps), "examples": float(len(demos))}
-        metrics |= _prefixed("val_", after)
-        self.metrics.set_losses("sft", {"sft": metrics["sft_loss"]})
-        if after.ptx_loss is not None:
-            self.metrics.ptx_loss.set(after.ptx_loss)
-        gate = (
-            policy_gate(self.cfg.gates, "sft", after, before)
-            if self.cfg.gates.enabled
-            else GateResult()
-        )
-
-        def save(out: Path) -> None:
-            policy.save_pretrained(out)
-            tok.save_pretrained(out)
-
-        return Candidate(
-            POLICY, save, metrics, tuple(d.event_id for d in demos), "demonstrations"
-        ), gate
-
-    # ------------------------------------------------------------------ RM
-
-    def _rm(self, result: RoundResult) -> tuple[Candidate, GateResult]:
-        c = self.cfg.rm
-        comparisons = list(self.data.pending_comparisons)
-        rm, tok = registry_lib.load_rm(self.cfg.registry, self.cfg.base_model, self.device)
-        val = list(self.data.comparisons["val"])
-        lengths = evaluate.Lengths(self._lengths.max_prompt_tokens, c.max_len)
-        with self._phase(result, "evaluation"):
-            before = evaluate.rm_accuracy(rm, tok, val, lengths)
-        steps = c.epochs * math.ceil(len(comparisons) / c.batch_prompts)
-        rm.requires_grad_(True)
-        optimizer = self._optimizer(rm.parameters(), c.lr, c.adam_betas, c.weight_decay)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, cosine_schedule(steps, c.lr_final_ratio)
-        )
-        rng = random.Random(f"{self.cfg.seed}:rm:{comparisons[0].event_id if comparisons else ''}")
-        total = acc = 0.0
-        with self._phase(result, "training"), self._progress(steps, "rm") as bar:
-            for _ in range(c.epochs):
-                for chunk in _chunks(rng.sample(comparisons, len(comparisons)), c.batch_prompts):
-                    self._check_stop()
-                    batch = rm_steps.encode_rankings(tok, [x.prompt for x in chunk], [list(x.responses) for x in chunk],
-                                                     [list(x.ranks) for x in chunk], lengths.max_prompt_tokens, c.max_len)  # fmt: skip
-                    stats = rm_steps.rm_step(rm, optimizer, batch)
-                    schedule.step()
-                    total += stats.loss
-                    acc += stats.accuracy
-                    bar.update()
-        demos = list(self.data.demonstrations["train"]) + list(self.data.demonstrations["val"])
-        if c.fit_bias and demos:
-            rm_steps.fit_bias(rm, tok, [d.prompt for d in demos], [d.response for d in demos],
-                              max_prompt_tokens=lengths.max_prompt_tokens, max_response_tokens=c.max_len)  # fmt: skip
-        with self._phase(result, "evaluation"):
-            after = evaluate.rm_accuracy(rm, tok, val, lengths)
-            test = evaluate.rm_accuracy(rm, tok, list(self.data.comparisons["test"]), lengths)
-        metrics = {
-            "rm_loss": total / max(1, steps),
-            "train_accuracy": acc / max(1, steps),
-            "examples": float(len(comparisons)),
-            "bias": float(rm.bias),
-        }
-        if after.accuracy is not None:
-            metrics["val_accuracy"] = after.accuracy
-            self.metrics.rm_accuracy.labels(split="val").set(after.accuracy)
-        if test.accuracy is not None:
-            metrics["test_accuracy"] = test.accuracy
-            self.metrics.rm_accuracy.labels(split="test").set(test.accuracy)
-        self.metrics.set_losses("rm", {"rm": metrics["rm_loss"]})
-        gate = rm_gate(self.cfg.gates, after, before) if self.cfg.gates.enabled else GateResult()
-        rm.eval()
-
-        def save(out: Path) -> None:
-            rm.save(out, tok)
-
-        return Candidate(
-            REWARD, save, metrics, tuple(x.event_id for x in comparisons), "comparisons"
-        ), gate
-
-    # ------------------------------------------------------------------ PPO-ptx
-
-    def _ppo(self, result: RoundResult) -> tuple[Candidate, GateResult]:
-        c = self.cfg.ppo
-        policy, tok = models.load_policy(
-            registry_lib.policy_dir(self.cfg.registry, self.cfg.base_model), self.device
-        )
-        reference, _ = models.load_policy(
-            registry_lib.reference_dir(self.cfg.registry, self.cfg.base_model), self.device
-        )
-        rm, _ = registry_lib.load_rm(self.cfg.registry, self.cfg.base_model, self.device)
-        reference.requires_grad_(False)
-        rm.requires_grad_(False)
-        with self._phase(result, "evaluation"):
-            before, _ = self._policy_eval(policy, reference, rm, tok, demos=False)
-        value = ppo.value_model_from_rm(rm)
-        ema = copy.deepcopy(policy) if c.ema_decay > 0 else None
-        optimizer = self._optimizer([*policy.parameters(), *value.parameters()], c.lr, c.adam_betas)
-        warmup = max(1, c.warmup_iters)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / warmup)
-        )
-        pool = [p.prompt for p in self.data.prompts["train"]]
-        rng = random.Random(f"{self.cfg.seed}:ppo:{self.rounds_run}:{len(pool)}")
-        generator = torch.Generator().manual_seed(rng.randrange(2**31))
-        steps_per_iter = c.inner_epochs * math.ceil(c.episodes / c.minibatch_size)
-        sums: dict[str, float] = {}
-        n_steps = 0
-        with self._progress(c.iterations * steps_per_iter, "ppo") as bar:
-            for _ in range(c.iterations):
-                self._check_stop()
-                prompts = [rng.choice(pool) for _ in range(c.episodes)]
-                with self._phase(result, "generation"):
-                    ro = ppo.rollout(policy, reference, value, rm, tok, prompts, beta=self._kl_ctl.value,
-                                     max_new_tokens=c.max_new_tokens, max_prompt_tokens=c.max_prompt_len,
-                                     temperature=c.temperature, gamma=c.gae_gamma, lam=c.gae_lambda)  # fmt: skip
-                with self._phase(result, "training"):
-                    for _ in range(c.inner_epochs):
-                        for mb in ro.minibatches(c.minibatch_size, generator):
-                            self._check_stop()
-                            ptx = None
-                            if c.gamma_ptx > 0 and c.ptx_ratio > 0:
-                                texts = self.corpus.sample(c.ptx_ratio * len(mb), rng)
-                                ptx = models.encode_texts(tok, texts, c.ptx_seq_len)
-                            stats = ppo.ppo_step(policy, value, optimizer, mb, ptx=ptx, gamma_ptx=c.gamma_ptx,
-                                                 clip=c.clip, value_clip=c.value_clip, vf_coef=c.vf_coef)  # fmt: skip
-                            schedule.step()
-                            if ema is not None:
-                                ppo.ema_update(ema, policy, c.ema_decay)
-                            for name in (
-                                "policy_loss",
-                                "value_loss",
-                                "ptx_loss",
-                                "kl",
-                                "clip_frac",
-                                "entropy",
-                                "mean_reward",
-                            ):
-                                sums[name] = sums.get(name, 0.0) + getattr(stats, name)
-                            n_steps += 1
-                            bar.update()
-                self._kl_ctl.update(float(ro.kl.mean()), len(ro))
-        published = ema if ema is not None else policy
-        published.eval()
-        with self._phase(result, "evaluation"):
-            after, _ = self._policy_eval(published, reference, rm, tok, demos=False)
-        means = {k: v / max(1, n_steps) for k, v in sums.items()}
-        metrics = {f"train_{k}": v for k, v in means.items()} | _prefixed("val_", after)
-        metrics["beta"] = float(self._kl_ctl.value)
-        metrics["episodes"] = float(c.iterations * c.episodes)
-        self._ppo_gauges(means, after)
-        gate = (
-            policy_gate(self.cfg.gates, "ppo", after, before)
-            if self.cfg.gates.enabled
-            else GateResult()
-        )
-
-        def save(out: Path) -> None:
-            published.save_pretrained(out)
-            tok.save_pretrained(out)
-
-        return Candidate(POLICY, save, metrics, (), "prompts"), gate
-
-    def _ppo_gauges(self, means: dict[str, float], after: PolicyEval) -> None:
-        m = self.metrics
-        m.set_losses("ppo", {"policy": means.get("policy_loss", 0.0), "value": means.get("value_loss", 0.0),
-                             "ptx": means.get("ptx_loss", 0.0)})  # fmt: skip
-        m.clip_fraction.set(means.get("clip_frac", 0.0))
-        m.entropy.set(means.get("entropy", 0.0))
-        m.value_loss.set(means.get("value_loss", 0.0))
-        m.ptx_loss.set(means.get("ptx_loss", 0.0))
-        m.kl_beta.set(self._kl_ctl.value)
-        if after.mean_reward is not None:
-            m.mean_reward.set(after.mean_reward)
-        if after.kl is not None:
-            m.kl.set(after.kl)
-
-
-def _prefixed(prefix: str, ev: PolicyEval) -> dict[str, float]:
-    values = {
-        "mean_reward": ev.mean_reward,
-        "kl": ev.kl,
-        "ptx_loss": ev.ptx_loss,
-        "sft_loss": ev.sft_loss,
-    }
-    return {prefix + k: float(v) for k, v in values.items() if v is not None}

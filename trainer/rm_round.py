@@ -1,0 +1,92 @@
+"""An RM round: the reward model trained on the pending K-way rankings.
+
+It continues the latest trained RM (the first one starts from the SFT policy's trunk,
+``trainer.registry.load_rm``), then sets the bias so demonstrations score 0 on average.
+Gate: val pairwise accuracy may drop at most ``gates.rm_accuracy_margin``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from trainer import evaluate
+from trainer import registry as registry_lib
+from trainer import rm as rm_steps
+from trainer.data import Comparison, Demonstration
+from trainer.gates import GateResult, rm_gate
+from trainer.registry import REWARD
+from trainer.round import Candidate, RoundContext, chunks, cosine_schedule, optimizer
+
+
+def run_rm_round(
+    ctx: RoundContext,
+    comparisons: Sequence[Comparison],
+    *,
+    val: Sequence[Comparison],
+    test: Sequence[Comparison],
+    bias_demos: Sequence[Demonstration],
+) -> Candidate:
+    cfg, c = ctx.cfg, ctx.cfg.rm
+    rm, tok = registry_lib.load_rm(cfg.registry, cfg.base_model, ctx.device)
+    lengths = ctx.lengths(c.max_len)
+    with ctx.phase("evaluation"):
+        before = evaluate.rm_accuracy(rm, tok, val, lengths)
+    steps = c.epochs * math.ceil(len(comparisons) / c.batch_prompts)
+    rm.requires_grad_(True)
+    opt = optimizer(rm.parameters(), c.lr, c.adam_betas, c.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(steps, c.lr_final_ratio))
+    rng = random.Random(f"{cfg.seed}:rm:{comparisons[0].event_id if comparisons else ''}")
+    total = acc = 0.0
+    with ctx.phase("training"), ctx.progress(steps, "rm") as bar:
+        for _ in range(c.epochs):
+            for chunk in chunks(rng.sample(list(comparisons), len(comparisons)), c.batch_prompts):
+                ctx.check_stop()
+                batch = rm_steps.encode_rankings(
+                    tok,
+                    [x.prompt for x in chunk],
+                    [list(x.responses) for x in chunk],
+                    [list(x.ranks) for x in chunk],
+                    lengths.max_prompt_tokens,
+                    c.max_len,
+                )
+                stats = rm_steps.rm_step(rm, opt, batch)
+                schedule.step()
+                total += stats.loss
+                acc += stats.accuracy
+                bar.update()
+    if c.fit_bias and bias_demos:
+        rm_steps.fit_bias(
+            rm,
+            tok,
+            [d.prompt for d in bias_demos],
+            [d.response for d in bias_demos],
+            max_prompt_tokens=lengths.max_prompt_tokens,
+            max_response_tokens=c.max_len,
+        )
+    with ctx.phase("evaluation"):
+        after = evaluate.rm_accuracy(rm, tok, val, lengths)
+        held_out = evaluate.rm_accuracy(rm, tok, test, lengths)
+    metrics = {
+        "rm_loss": total / max(1, steps),
+        "train_accuracy": acc / max(1, steps),
+        "examples": float(len(comparisons)),
+        "bias": float(rm.bias),
+    }
+    if after.accuracy is not None:
+        metrics["val_accuracy"] = after.accuracy
+    if held_out.accuracy is not None:
+        metrics["test_accuracy"] = held_out.accuracy
+    gate = rm_gate(cfg.gates, after, before) if cfg.gates.enabled else GateResult()
+    rm.eval()
+
+    def save(out: Path) -> None:
+        rm.save(out, tok)
+
+    return Candidate(
+        REWARD, save, metrics, gate, tuple(x.event_id for x in comparisons), "comparisons"
+    )

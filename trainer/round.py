@@ -1,0 +1,144 @@
+"""What every round type shares: its context, the candidate it returns, and small helpers.
+
+A round function (``run_sft_round``, ``run_rm_round``, ``run_ppo_round``) takes a
+``RoundContext`` and its data as plain lists, trains one model and returns a ``Candidate``:
+the model's ``save`` function, its metrics and the gate's verdict. It touches no Kafka, no
+registry writes and no Prometheus metrics, and holds no process-global state (its random
+numbers come from generators seeded per round), so the same function can later run on every
+rank of a distributed job while rank 0 alone publishes (``trainer.rounds``).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from trainer import evaluate
+from trainer.config import TrainerConfig
+from trainer.corpus import PretrainCorpus
+from trainer.data import Demonstration
+from trainer.gates import GateResult, PolicyEval
+
+
+class RoundAborted(Exception):
+    """The trainer is stopping; the round's work is dropped (nothing was published)."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A trained model, evaluated and gated, ready for the publish protocol."""
+
+    role: str  # registry role: policy | reward
+    save: Callable[[Path], None]  # writes the model files into a directory
+    metrics: dict[str, float]  # the manifest's eval metrics
+    gate: GateResult
+    trained_ids: tuple[str, ...]  # event ids of the pending records it trained on
+    kind: str  # the data kind it consumed: demonstrations | comparisons | prompts
+
+
+@dataclass
+class RoundContext:
+    """Everything a round needs besides its data; ``phases`` collects seconds per phase."""
+
+    cfg: TrainerConfig
+    corpus: PretrainCorpus
+    device: str
+    round_type: str
+    round_index: int = 0  # rounds run before this one by this process (seeds the RNGs)
+    stop: threading.Event = field(default_factory=threading.Event)
+    phases: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.phases[name] = self.phases.get(name, 0.0) + time.monotonic() - start
+
+    def check_stop(self) -> None:
+        if self.stop.is_set():
+            raise RoundAborted()
+
+    def progress(self, total: int, desc: str) -> tqdm:
+        show = {"on": True, "off": False}.get(self.cfg.progress, sys.stderr.isatty())
+        return tqdm(total=total, desc=desc, disable=not show, leave=False)
+
+    def lengths(self, max_response_tokens: int | None = None) -> evaluate.Lengths:
+        ppo = self.cfg.ppo
+        return evaluate.Lengths(ppo.max_prompt_len, max_response_tokens or ppo.max_new_tokens)
+
+    def policy_eval(
+        self,
+        policy: Any,
+        reference: Any,
+        rm: Any,
+        tok: Any,
+        *,
+        prompts: Sequence[str],
+        demos: Sequence[Demonstration],
+    ) -> PolicyEval:
+        """The policy on held-out data: the numbers the policy gate compares."""
+        g, p = self.cfg.gates, self.cfg.ppo
+        result, _ = evaluate.policy_eval(
+            policy,
+            reference,
+            rm,
+            tok,
+            prompts=prompts,
+            ptx_texts=self.corpus.holdout_examples(g.eval_ptx_examples),
+            demos=demos,
+            lengths=self.lengths(),
+            max_new_tokens=p.max_new_tokens,
+            temperature=p.temperature,
+            ptx_tokens=p.ptx_seq_len,
+            seed=self.cfg.seed,
+        )
+        return result
+
+
+def optimizer(
+    params: Iterable[torch.nn.Parameter],
+    lr: float,
+    betas: Sequence[float],
+    weight_decay: float = 0.0,
+) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        list(params), lr=lr, betas=(betas[0], betas[1]), weight_decay=weight_decay
+    )
+
+
+def cosine_schedule(total_steps: int, final_ratio: float) -> Callable[[int], float]:
+    """LR multiplier: cosine from 1 to ``final_ratio`` over ``total_steps`` (paper: to 10%)."""
+
+    def factor(step: int) -> float:
+        progress = min(1.0, step / max(1, total_steps))
+        return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def prefixed(prefix: str, ev: PolicyEval) -> dict[str, float]:
+    """A policy evaluation as manifest metrics (missing values left out)."""
+    values = {
+        "mean_reward": ev.mean_reward,
+        "kl": ev.kl,
+        "ptx_loss": ev.ptx_loss,
+        "sft_loss": ev.sft_loss,
+    }
+    return {prefix + k: float(v) for k, v in values.items() if v is not None}
