@@ -282,3 +282,50 @@ def test_sampling_follows_the_distribution() -> None:
     assert truncated[2:].sum() == 0  # outside top_k: never drawn
     want = probs[:2] / probs[:2].sum()
     torch.testing.assert_close(truncated[:2] / draws, want, atol=0.03, rtol=0)
+
+
+def test_streamed_text_equals_final_text_when_a_character_is_cut(policies) -> None:
+    """A sample that ends inside a multi-byte UTF-8 character (cut by max_new_tokens, or by an
+    EOS token) streams the held-back bytes with its last token: the concatenated stream, the
+    per-token texts and the final text are one and the same, whatever the request asked for."""
+    v0, _ = policies
+    params = SamplingParams(do_sample=True, seed=5, max_new_tokens=200)
+    engine = Engine(CollectorRegistry())
+
+    async def stream(policy: LoadedPolicy, p: SamplingParams) -> tuple[str, SampleDone]:
+        gen = engine.submit(policy, ids(policy, "cut"), p, stream=True)
+        texts, done = [], None
+        async for event in gen.events():
+            texts.append(event.text)
+            done = event.done or done
+        assert done is not None
+        return "".join(texts), done
+
+    async def result(policy: LoadedPolicy, p: SamplingParams, token_texts: bool) -> SampleDone:
+        return (
+            await engine.submit(policy, ids(policy, "cut"), p, token_texts=token_texts).result()
+        )[0]
+
+    try:
+        free = run(_generate(engine, v0, "cut", params))[0]
+        # The byte tokenizer's ids are bytes: find a lead byte of a multi-byte character whose
+        # next token can stand for an EOS token it never used before.
+        tokens = free.token_ids
+        k = next(
+            i
+            for i in range(len(tokens) - 1)
+            if 0xC2 <= tokens[i] <= 0xF4 and tokens[i + 1] not in tokens[: i + 1]
+        )
+        cut = dataclasses.replace(params, max_new_tokens=k + 1)
+        eos_policy = dataclasses.replace(v0, eos_token_ids=frozenset({tokens[k + 1]}))
+        cases = [(v0, cut, FinishReason.LENGTH), (eos_policy, params, FinishReason.EOS_TOKEN)]
+        for policy, p, reason in cases:
+            streamed, done = run(stream(policy, p))
+            unary = run(result(policy, p, token_texts=True))
+            plain = run(result(policy, p, token_texts=False))
+            assert done.finish_reason is unary.finish_reason is plain.finish_reason is reason
+            assert done.token_ids[k] == tokens[k] and done.text.endswith("\ufffd")
+            assert streamed == done.text == "".join(done.token_texts)
+            assert unary.text == "".join(unary.token_texts) == plain.text == done.text
+    finally:
+        engine.stop()

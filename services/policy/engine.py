@@ -475,10 +475,23 @@ class Engine:
                 reason = FinishReason.EOS_TOKEN
             elif gen.incremental_text:
                 delta = seq.detok.push(token)
+                before = len(seq.text)
                 seq.text += delta
                 reason = self._stop_hit(seq, delta)
+                # The text is cut right after a stop string; the token's text ends there too.
+                delta = seq.text[before:]
             if reason is None and len(seq.token_ids) >= gen.params.max_new_tokens:
                 reason = FinishReason.LENGTH
+            if (
+                gen.incremental_text
+                and reason is not None
+                and reason is not FinishReason.STOP_SEQUENCE
+            ):
+                # Bytes held back for a character the sample never completed go out with the
+                # last token, so the streamed texts always add up to the final text.
+                tail = seq.detok.flush()
+                delta += tail
+                seq.text += tail
             seq.texts.append(delta)
             done = None
             if reason is not None:
@@ -507,9 +520,8 @@ class Engine:
     def _finish(self, seq: _Seq, reason: FinishReason, now: float) -> SampleDone:
         tokenizer = seq.gen.policy.tokenizer
         text = seq.text
-        if reason is not FinishReason.STOP_SEQUENCE:
-            # Flushes bytes the detokenizer held back (a character cut by max_new_tokens). The
-            # EOS token is in token_ids (training sees the sample ended) but never in the text.
+        if not seq.gen.incremental_text:
+            # The EOS token is in token_ids (training sees the sample ended) but never in the text.
             ids = seq.token_ids[:-1] if reason is FinishReason.EOS_TOKEN else seq.token_ids
             text = str(
                 tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)

@@ -136,3 +136,10 @@ class Detokenizer:
             self._prefix, self._read = self._read, len(self._ids)
             return after[len(before) :]
         return ""
+
+    def flush(self) -> str:
+        """The text of the ids held back so far (ending in U+FFFD: an unfinished character)."""
+        before = self._decode(self._ids[self._prefix : self._read])
+        after = self._decode(self._ids[self._prefix :])
+        self._prefix = self._read = len(self._ids)
+        return after[len(before) :]
