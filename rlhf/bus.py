@@ -7,6 +7,10 @@ commits once what it read is safely used (the trainer: after a checkpoint is pub
 A record that does not parse as its topic's type, or has no ``event_id``, goes to the
 topic's dead-letter topic (``<topic>.dlq``) with the reason in its headers, and consumption
 goes on.
+
+Every client reconnects within a second of a broker coming back (kafka-python's own default
+backs off up to 30 s), and a producer whose records expired is replaced by a new one (see
+``Producer``).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -24,7 +28,7 @@ from google.protobuf.message import DecodeError, Message
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
 from kafka.producer.future import FutureRecordMetadata, RecordMetadata
 from kafka.structs import OffsetAndMetadata
 from prometheus_client import CollectorRegistry, Counter
@@ -35,6 +39,10 @@ log = logging.getLogger(__name__)
 
 # (topic name, partition) -> offset of the next record to read.
 Offsets = Mapping[tuple[str, int], int]
+
+# Reconnect promptly when a broker comes back; kafka-python's defaults back off up to 30 s,
+# which kept components idle long after an outage ended.
+RECONNECT = {"reconnect_backoff_ms": 50, "reconnect_backoff_max_ms": 1000}
 
 
 def security_from_env(env: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -111,6 +119,14 @@ class _BusMetrics:
             ["topic"],
             registry=registry,
         )
+        self.producer_renewals = Counter(
+            "rlhf_bus_producer_renewals_total",
+            "Producers replaced by a new one after records expired undelivered",
+            registry=registry,
+        )
+
+
+Delivery = Callable[[BaseException | None], None]
 
 
 class Producer:
@@ -119,6 +135,13 @@ class Producer:
     The constructor does not need the broker to be up: connection and retries happen in the
     background. ``send`` blocks for at most ``max_block_ms`` (5 s) when the topic's metadata is
     not known yet, and its future fails once ``delivery_timeout_ms`` passed without an ack.
+
+    When records expire (the delivery timeout passed, typically a broker outage longer than
+    it), the underlying kafka-python producer is replaced by a new one. kafka-python drops
+    its idempotent producer id when a batch it had already sent expires and never asks for a
+    new one, so without this every later send would time out until a restart. The new
+    producer gets a new id; a record both producers wrote is a duplicate, which consumers
+    drop by ``event_id``.
     """
 
     def __init__(
@@ -141,11 +164,60 @@ class Producer:
             # Skips the blocking version probe at start-up so a producer can be built while
             # Kafka is down (the servers must start and serve without it).
             "api_version": (4, 0),
+            **RECONNECT,
             **security_from_env(),
         }
         config.update(overrides)
+        self._config = config
+        self._lock = threading.Lock()
         self._producer = KafkaProducer(**config)
+        self._generation = 0
+        self._closed = False
+        self._listeners: list[Delivery] = []
         self._metrics = _BusMetrics.of(registry)
+
+    def on_delivery(self, listener: Delivery) -> None:
+        """Calls ``listener(None)`` for every acked record and ``listener(error)`` for every
+        record Kafka did not take, on kafka-python's threads (keep it short)."""
+        self._listeners.append(listener)
+
+    def _current(self) -> tuple[KafkaProducer, int]:
+        with self._lock:
+            return self._producer, self._generation
+
+    def _watch(self, future: FutureRecordMetadata, topic_name: str, generation: int) -> None:
+        def acked(_metadata: Any) -> None:
+            self._metrics.produced.labels(topic_name).inc()
+            for listener in self._listeners:
+                listener(None)
+
+        def failed(exc: BaseException) -> None:
+            self._metrics.produce_errors.labels(topic_name).inc()
+            for listener in self._listeners:
+                listener(exc)
+            if isinstance(exc, KafkaTimeoutError):
+                self._renew(generation, exc)
+
+        future.add_callback(acked)
+        future.add_errback(failed)
+
+    def _renew(self, generation: int, cause: BaseException) -> None:
+        """Replaces the kafka-python producer that ``generation`` names, once."""
+        with self._lock:
+            if self._closed or generation != self._generation:
+                return
+            old = self._producer
+            self._producer = KafkaProducer(**self._config)
+            self._generation += 1
+        self._metrics.producer_renewals.inc()
+        log.warning(
+            "Kafka producer %s: records expired undelivered (%s); continuing with a new producer",
+            self._config["client_id"], cause,
+        )  # fmt: skip
+        # Not on this thread: this may be the old producer's own I/O thread.
+        threading.Thread(
+            target=old.close, kwargs={"timeout": 0}, name="producer-close", daemon=True
+        ).start()
 
     def send(self, topic: Topic, record: Message, *, key: str) -> FutureRecordMetadata:
         """Queues ``record``; the returned future resolves once Kafka acked it."""
@@ -153,9 +225,9 @@ class Producer:
             raise TypeError(
                 f"{topic.name} takes {topic.record.__name__}, not {type(record).__name__}"
             )
-        future = self._producer.send(topic.name, value=record.SerializeToString(), key=key.encode())
-        future.add_callback(lambda _md: self._metrics.produced.labels(topic.name).inc())
-        future.add_errback(lambda _exc: self._metrics.produce_errors.labels(topic.name).inc())
+        producer, generation = self._current()
+        future = producer.send(topic.name, value=record.SerializeToString(), key=key.encode())
+        self._watch(future, topic.name, generation)
         return future
 
     def send_sync(
@@ -176,13 +248,60 @@ class Producer:
         headers: list | None = None,
     ) -> FutureRecordMetadata:
         """Sends bytes as they are (dead letters, tests of malformed input)."""
-        return self._producer.send(topic_name, value=value, key=key, headers=headers or [])
+        producer, generation = self._current()
+        future = producer.send(topic_name, value=value, key=key, headers=headers or [])
+        self._watch(future, topic_name, generation)
+        return future
 
     def flush(self, timeout_s: float | None = None) -> None:
-        self._producer.flush(timeout=timeout_s)
+        self._current()[0].flush(timeout=timeout_s)
 
     def close(self, timeout_s: float = 10.0) -> None:
-        self._producer.close(timeout=timeout_s)
+        with self._lock:
+            self._closed = True
+            producer = self._producer
+        producer.close(timeout=timeout_s)
+
+
+class BrokerProbe:
+    """Whether the brokers leading ``topics``' partitions answer now: asks them for their end
+    offsets, which reaches the same brokers a produce goes to, and writes nothing."""
+
+    def __init__(
+        self, bootstrap_servers: str, watched: Sequence[Topic], *, client_id: str, timeout_s: float
+    ) -> None:
+        self._names = [t.name for t in watched]
+        self._timeout_ms = int(timeout_s * 1000)
+        self._lock = threading.Lock()
+        self._kafka = KafkaConsumer(
+            bootstrap_servers=bootstrap_servers.split(","),
+            client_id=client_id,
+            group_id=None,
+            enable_auto_commit=False,
+            api_version=(4, 0),
+            request_timeout_ms=max(self._timeout_ms, 1000),
+            **RECONNECT,
+            **security_from_env(),
+        )
+
+    def check(self) -> str | None:
+        """None when every partition leader answered; otherwise what failed."""
+        with self._lock:
+            try:
+                partitions = []
+                for name in self._names:
+                    ids = self._kafka.partitions_for_topic(name)
+                    if not ids:
+                        return f"no partition metadata for {name}"
+                    partitions += [TopicPartition(name, p) for p in ids]
+                self._kafka.end_offsets(partitions, timeout_ms=self._timeout_ms)
+            except KafkaError as exc:
+                return f"{type(exc).__name__}: {exc}"
+        return None
+
+    def close(self) -> None:
+        with self._lock:
+            self._kafka.close()
 
 
 class _SeekOnAssign(ConsumerRebalanceListener):
@@ -233,6 +352,7 @@ class Consumer:
             "enable_auto_commit": False,
             "auto_offset_reset": auto_offset_reset,
             "api_version": (4, 0),
+            **RECONNECT,
             **security_from_env(),
         }
         config.update(overrides)
@@ -304,10 +424,13 @@ class Consumer:
                     out[(tp.topic, tp.partition)] = offset
         return out
 
-    def end_offsets(self) -> dict[tuple[str, int], int]:
-        """Log-end offsets of the assigned partitions (for consumer lag)."""
+    def end_offsets(self, timeout_s: float = 10.0) -> dict[tuple[str, int], int]:
+        """Log-end offsets of the assigned partitions (for consumer lag); raises a KafkaError
+        (KafkaTimeoutError) when the brokers do not answer within ``timeout_s``."""
         with self._lock:
-            ends = self._kafka.end_offsets(list(self._kafka.assignment()))
+            ends = self._kafka.end_offsets(
+                list(self._kafka.assignment()), timeout_ms=int(timeout_s * 1000)
+            )
         return {(tp.topic, tp.partition): off for tp, off in ends.items()}
 
     def seek(self, offsets: Offsets) -> None:
@@ -336,6 +459,7 @@ def ensure_topics(
         bootstrap_servers=bootstrap_servers.split(","),
         client_id="rlhf-admin",
         request_timeout_ms=int(timeout_s * 1000),
+        **RECONNECT,
         **security_from_env(),
     )
     try:

@@ -54,6 +54,7 @@ Clients send the key as ``authorization: Bearer <key>`` (or ``x-api-key: <key>``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import hmac
 import inspect
@@ -232,6 +233,13 @@ class _Metrics:
             ["method"],
             registry=registry,
         )
+        self.conditions = Gauge(
+            f"{prefix}_health_condition",
+            "1 while a condition a service needs to serve holds (model loaded, Kafka reachable, "
+            "a topic tail running...), else 0; the service is SERVING only while all are 1",
+            ["service", "condition"],
+            registry=registry,
+        )
 
 
 class _Interceptor(grpc.aio.ServerInterceptor):
@@ -383,7 +391,9 @@ class ServerRuntime:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopped = False
-        self._not_ready: set[str] = set()
+        # service -> failing condition -> what is wrong; a service with none is SERVING.
+        self._failing: dict[str, dict[str, str]] = {}
+        self._conditions_lock = threading.Lock()
         self.port = 0
         self.metrics_port = -1
 
@@ -423,7 +433,7 @@ class ServerRuntime:
         await server.start()
         self._server = server
         for name in service_names:
-            await self._health.set(name, self._status(name not in self._not_ready))
+            await self._health.set(name, self._status(not self._failing.get(name)))
         if cfg.metrics_port >= 0:
             self._metrics_http, _ = start_http_server(
                 cfg.metrics_port, addr=cfg.metrics_host, registry=self.registry
@@ -456,17 +466,43 @@ class ServerRuntime:
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
 
+    def set_condition(self, service: str, condition: str, ok: bool, detail: str = "") -> None:
+        """Records whether one thing ``service`` needs in order to serve holds (a model
+        loaded, Kafka reachable, a topic tail running...). The service is SERVING in health
+        checks only while all its conditions hold; each is exported as
+        ``rlhf_<component>_health_condition{service,condition}`` and every change is logged.
+        Callable from any thread, before or after start; health is frozen once draining."""
+        with self._conditions_lock:
+            failing = self._failing.setdefault(service, {})
+            was_ready = not failing
+            before = failing.get(condition)
+            if ok:
+                failing.pop(condition, None)
+            else:
+                failing[condition] = detail
+            ready = not failing
+        self._metrics.conditions.labels(service, condition).set(1 if ok else 0)
+        if ok and before is not None:
+            log.info("%s: %s holds again", service, condition)
+        elif not ok and before != detail:
+            log.warning("%s: %s fails: %s", service, condition, detail or "(no detail)")
+        if ready != was_ready and self._loop is not None and not self._loop.is_closed():
+            # The status is read when the loop runs this, so racing calls end in the last state.
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile (shutdown)
+                asyncio.run_coroutine_threadsafe(self._publish_health(service), self._loop)
+
+    async def _publish_health(self, service: str) -> None:
+        if self._health is not None and not self._stopped:
+            await self._health.set(service, self._status(not self.failing(service)))
+
+    def failing(self, service: str) -> dict[str, str]:
+        """The conditions of ``service`` that do not hold now, with what is wrong."""
+        with self._conditions_lock:
+            return dict(self._failing.get(service, {}))
+
     def set_ready(self, service: str, ready: bool) -> None:
-        """Marks ``service`` (not) ready in health checks, e.g. NOT_SERVING until a model is
-        loaded. Callable from any thread, before or after start; ignored once draining."""
-        if ready:
-            self._not_ready.discard(service)
-        else:
-            self._not_ready.add(service)
-        if self._loop is not None and self._health is not None and not self._stopped:
-            asyncio.run_coroutine_threadsafe(
-                self._health.set(service, self._status(ready)), self._loop
-            )
+        """Shorthand for the condition ``ready`` (e.g. NOT_SERVING until a model is loaded)."""
+        self.set_condition(service, "ready", ready, "" if ready else "not ready yet")
 
     def request_stop(self) -> None:
         """Asks ``serve`` to shut down; safe to call from any thread or a signal handler."""

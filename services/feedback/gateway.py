@@ -46,6 +46,7 @@ from services.feedback.dedupe import SeenEvents
 from services.feedback.generations import GenerationIndex
 from services.feedback.outbox import Outbox
 from services.feedback.pii import Redactor
+from services.feedback.store_health import StoreHealth
 from services.feedback.tail import TopicTail
 from services.feedback.validate import (
     Rejection,
@@ -125,8 +126,10 @@ class FeedbackGateway:
         seen: SeenEvents,
         registry: CollectorRegistry,
         clock: Callable[[], float] = time.time,
+        store_health: StoreHealth | None = None,
     ) -> None:
         self._config = config
+        self._store_health = store_health
         self._producer = producer
         self._generations = generations
         self._seen = seen
@@ -323,6 +326,11 @@ class FeedbackGateway:
 
         def settled(acked: asyncio.Future[None]) -> None:
             stored = acked.exception() is None
+            if self._store_health is not None:
+                if stored:
+                    self._store_health.stored()
+                else:
+                    self._store_health.failed(f"{type(acked.exception()).__name__}")
             if stored:
                 self._seen.add(event_id)
                 self.metrics.accepted.labels(kind).inc()
@@ -337,6 +345,8 @@ class FeedbackGateway:
         # stored, and a retry meanwhile waits for it instead of writing a second copy.
         done, _ = await asyncio.wait((acked,), timeout=self._config.kafka.ack_timeout_s)
         if not done:
+            if self._store_health is not None:
+                self._store_health.failed(f"no ack within {self._config.kafka.ack_timeout_s:g} s")
             raise Rejection(
                 grpc.StatusCode.UNAVAILABLE,
                 "unavailable",
@@ -361,12 +371,15 @@ class GatewayApp:
         gateway: FeedbackGateway,
         producer: bus.Producer,
         tails: list[TopicTail],
+        store_health: StoreHealth,
     ) -> None:
         self.gateway = gateway
         self._producer = producer
         self._tails = tails
+        self._store_health = store_health
 
     def close(self) -> None:
+        self._store_health.stop()
         self.gateway.close()
         self._producer.flush(timeout_s=10)
         self._producer.close()
@@ -374,14 +387,22 @@ class GatewayApp:
             tail.stop()
 
 
+Condition = Callable[[str, bool, str], None]
+
+
 def open_gateway(
-    config: GatewayConfig, registry: CollectorRegistry, *, startup_timeout_s: float
+    config: GatewayConfig,
+    registry: CollectorRegistry,
+    *,
+    startup_timeout_s: float,
+    on_condition: Condition = lambda _name, _ok, _detail: None,
 ) -> GatewayApp:
     """Connects to Kafka and rebuilds the dedupe index (blocking); call before serving.
 
     Raises ``TimeoutError`` when the event topics cannot be read within ``startup_timeout_s``:
     without the index a retried submission could be stored twice, so the gateway does not
-    start without it.
+    start without it. ``on_condition(name, ok, detail)`` reports what the gateway needs to
+    serve (``kafka``: events can be stored) whenever it changes.
     """
     kafka = config.kafka
     producer = bus.Producer(
@@ -433,5 +454,14 @@ def open_gateway(
         len(seen),
         len(generations),
     )
-    gateway = FeedbackGateway(config, producer, generations, seen, registry)
-    return GatewayApp(gateway, producer, tails)
+    probe = bus.BrokerProbe(
+        kafka.bootstrap_servers,
+        [topics.COMPARISONS, topics.DEMONSTRATIONS],
+        client_id=f"{kafka.client_id}-probe",
+        timeout_s=2.0,
+    )
+    store_health = StoreHealth(probe, lambda ok, detail: on_condition("kafka", ok, detail))
+    gateway = FeedbackGateway(
+        config, producer, generations, seen, registry, store_health=store_health
+    )
+    return GatewayApp(gateway, producer, tails, store_health)

@@ -23,7 +23,8 @@ from services.feedback.validate import Rejection
 
 log = logging.getLogger(__name__)
 
-SERVICES = {"rlhf.v1.FeedbackService": Scope.FEEDBACK}
+FEEDBACK = "rlhf.v1.FeedbackService"
+SERVICES = {FEEDBACK: Scope.FEEDBACK}
 # Items of one bulk stream processed at once; they share producer batches.
 BULK_CONCURRENCY = 64
 
@@ -109,7 +110,11 @@ def add_servicers(
 
     async def add(server: grpc.aio.Server) -> None:
         app = await asyncio.to_thread(
-            open_gateway, config, registry, startup_timeout_s=config.startup_timeout_s
+            open_gateway,
+            config,
+            registry,
+            startup_timeout_s=config.startup_timeout_s,
+            on_condition=lambda name, ok, detail: runtime.set_condition(FEEDBACK, name, ok, detail),
         )
         runtime.on_stop(lambda: asyncio.to_thread(app.close))
         feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(
