@@ -55,32 +55,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
-import hmac
+import dataclasses
 import inspect
 import logging
 import signal
+import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
+# Re-exported: services import the auth names from the runtime they plug into.
+from rlhf.auth import KeyStore as KeyStore
+from rlhf.auth import Scope as Scope
+from rlhf.auth import parse_api_keys as parse_api_keys
+from rlhf.auth import presented_key
 from rlhf.config import option
+from rlhf.tls import TlsConfig, grpc_server_credentials, server_ssl_context
 
 log = logging.getLogger(__name__)
-
-
-class Scope(enum.StrEnum):
-    INFER = "infer"
-    FEEDBACK = "feedback"
-    ADMIN = "admin"
 
 
 # Probes and tooling must work without a key; they reveal nothing but liveness and the API shape.
@@ -132,6 +133,10 @@ class RuntimeConfig:
         0, "calls served at once before new ones get RESOURCE_EXHAUSTED (0: no limit)"
     )
     grace_s: float = option(10.0, "seconds in-flight calls get to finish on shutdown")
+    tls: TlsConfig = dataclasses.field(
+        default_factory=TlsConfig,
+        metadata={"help": "TLS for the gRPC and /metrics ports (certificate files, reloaded)"},
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -145,70 +150,6 @@ class RuntimeConfig:
         if self.grace_s < 0:
             raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
         parse_api_keys(self.api_keys, where="api_keys")  # fail at start-up, not at first call
-
-
-def parse_api_keys(text: str, *, where: str) -> dict[str, frozenset[Scope]]:
-    """Parses ``KEY SCOPE[,SCOPE]`` entries (newline- or ';'-separated) into key -> scopes."""
-    keys: dict[str, frozenset[Scope]] = {}
-    for lineno, raw in enumerate(text.replace(";", "\n").splitlines(), start=1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        parts = line.split(None, 1)
-        if len(parts) != 2:
-            raise ValueError(f"{where}: entry {lineno}: expected 'KEY SCOPE[,SCOPE]'")
-        key, scope_text = parts
-        scopes = set()
-        for name in scope_text.replace(" ", "").split(","):
-            try:
-                scopes.add(Scope(name))
-            except ValueError:
-                valid = ", ".join(s.value for s in Scope)
-                raise ValueError(
-                    f"{where}: entry {lineno}: unknown scope {name!r} (valid: {valid})"
-                ) from None
-        keys[key] = frozenset(scopes)
-    return keys
-
-
-class KeyStore:
-    """API keys and their scopes. ``lookup`` compares against every key in constant time."""
-
-    def __init__(self, keys: Mapping[str, Iterable[Scope]]) -> None:
-        self._keys = [(k.encode(), frozenset(v)) for k, v in keys.items()]
-
-    @classmethod
-    def from_config(cls, config: RuntimeConfig) -> KeyStore:
-        keys = parse_api_keys(config.api_keys, where="api_keys")
-        if config.api_keys_file:
-            text = Path(config.api_keys_file).read_text()
-            keys.update(parse_api_keys(text, where=str(config.api_keys_file)))
-        return cls(keys)
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self._keys)
-
-    def lookup(self, presented: str) -> frozenset[Scope] | None:
-        """The scopes of ``presented``, or None when it is no key of ours."""
-        given = presented.encode()
-        found: frozenset[Scope] | None = None
-        # No early exit: the time taken must not reveal which key (or how much of one) matched.
-        for key, scopes in self._keys:
-            if hmac.compare_digest(key, given):
-                found = scopes
-        return found
-
-
-def _presented_key(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
-    for name, value in metadata or ():
-        if isinstance(value, bytes):
-            continue
-        if name == "authorization" and value[:7].lower() == "bearer ":
-            return value[7:].strip()
-        if name == "x-api-key":
-            return value.strip()
-    return None
 
 
 class _Metrics:
@@ -261,7 +202,7 @@ class _Interceptor(grpc.aio.ServerInterceptor):
         scope = self._required_scope(method)
         if scope is None or not self._keys.enabled:
             return None
-        presented = _presented_key(metadata)
+        presented = presented_key(metadata)
         if presented is None:
             return (
                 grpc.StatusCode.UNAUTHENTICATED,
@@ -366,6 +307,26 @@ def _wrap(
     return grpc.stream_stream_rpc_method_handler(stream_response(handler.stream_stream), **kwargs)
 
 
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def serve_metrics(registry: CollectorRegistry, host: str, port: int, tls: TlsConfig) -> WSGIServer:
+    """Serves ``/metrics`` from a daemon thread, over TLS (certificate reloaded like the gRPC
+    port's) when ``tls`` is configured; ``.server_port`` is the bound port."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+
+    class Server(ThreadingWSGIServer):
+        address_family = family
+
+    httpd = make_server(host, port, make_wsgi_app(registry), Server, handler_class=_QuietHandler)
+    if tls.enabled:
+        httpd.socket = server_ssl_context(tls).wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True).start()
+    return httpd
+
+
 AddServicers = Callable[[grpc.aio.Server], Awaitable[None] | None]
 StopHook = Callable[[], Awaitable[None] | None]
 
@@ -379,7 +340,7 @@ class ServerRuntime:
         self.config = config
         self.registry = registry
         self.component = component
-        self.keys = KeyStore.from_config(config)
+        self.keys = KeyStore.from_settings(config.api_keys, config.api_keys_file)
         if config.require_auth and not self.keys.enabled:
             raise ValueError("require_auth is set but no API key is configured")
         self._metrics = _Metrics(registry, component)
@@ -426,8 +387,12 @@ class ServerRuntime:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         service_names = sorted({name.lstrip("/").split("/", 1)[0] for name in scopes})
         reflection.enable_server_reflection([*service_names, *PUBLIC_SERVICES], server)
+        address = f"{cfg.host}:{cfg.port}"
         try:
-            self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+            if cfg.tls.enabled:
+                self.port = server.add_secure_port(address, grpc_server_credentials(cfg.tls))
+            else:
+                self.port = server.add_insecure_port(address)
         except RuntimeError as exc:
             raise OSError(f"cannot bind gRPC port {cfg.host}:{cfg.port} (in use?)") from exc
         await server.start()
@@ -435,8 +400,8 @@ class ServerRuntime:
         for name in service_names:
             await self._health.set(name, self._status(not self._failing.get(name)))
         if cfg.metrics_port >= 0:
-            self._metrics_http, _ = start_http_server(
-                cfg.metrics_port, addr=cfg.metrics_host, registry=self.registry
+            self._metrics_http = serve_metrics(
+                self.registry, cfg.metrics_host, cfg.metrics_port, cfg.tls
             )
             self.metrics_port = self._metrics_http.server_port
         if not self.keys.enabled:
@@ -450,10 +415,11 @@ class ServerRuntime:
                 "!" * 72,
             )
         log.info(
-            "%s server listening on %s:%d (metrics on %s), services: %s",
+            "%s server listening on %s:%d%s (metrics on %s), services: %s",
             self.component,
             cfg.host,
             self.port,
+            " with TLS" if cfg.tls.enabled else "",
             f"port {self.metrics_port}" if self.metrics_port >= 0 else "off",
             ", ".join(service_names),
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 
@@ -15,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry
 
+from rlhf import auth
 from rlhf.runtime import KeyStore, RuntimeConfig, Scope, ServerRuntime, parse_api_keys
 from rlhf.v1 import inference_pb2, inference_pb2_grpc, reward_pb2, reward_pb2_grpc
 
@@ -261,9 +263,7 @@ def test_api_keys_from_file_and_inline(tmp_path) -> None:
     keys_file.write_text(
         f"# operators\n{ADMIN_KEY} admin,infer\n\n{FEEDBACK_KEY} feedback  # labelers\n"
     )
-    store = KeyStore.from_config(
-        RuntimeConfig(api_keys=f"{INFER_KEY} infer", api_keys_file=str(keys_file))
-    )
+    store = KeyStore.from_settings(f"{INFER_KEY} infer", str(keys_file))
     assert store.lookup(INFER_KEY) == {Scope.INFER}
     assert store.lookup(ADMIN_KEY) == {Scope.ADMIN, Scope.INFER}
     assert store.lookup(FEEDBACK_KEY) == {Scope.FEEDBACK}
@@ -274,3 +274,50 @@ def test_api_keys_from_file_and_inline(tmp_path) -> None:
         RuntimeConfig(api_keys="lonely-key")
     with pytest.raises(ValueError, match="port"):
         RuntimeConfig(port=70000)
+
+
+def test_api_keys_file_is_reloaded_without_a_restart(tmp_path) -> None:
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"{INFER_KEY} infer\n")
+    runtime = _start(
+        RuntimeConfig(host="127.0.0.1", port=0, metrics_port=-1, api_keys_file=str(keys_file))
+    )
+    rotated = "k-rotated-0123456789"
+
+    def code(key: str) -> grpc.StatusCode:
+        try:
+            _score(channel, key)
+        except grpc.RpcError as exc:
+            return exc.code()
+        return grpc.StatusCode.OK
+
+    try:
+        with _channel(runtime) as channel:
+            assert code(INFER_KEY) == grpc.StatusCode.OK
+            assert code(rotated) == grpc.StatusCode.UNAUTHENTICATED
+            tmp = tmp_path / "keys.new"  # written elsewhere and renamed, as a Secret update is
+            tmp.write_text(f"{rotated} infer\n")
+            tmp.replace(keys_file)
+            deadline = time.monotonic() + 20
+            while code(rotated) != grpc.StatusCode.OK:
+                assert time.monotonic() < deadline, "the new key never worked"
+                time.sleep(0.1)
+            assert code(INFER_KEY) == grpc.StatusCode.UNAUTHENTICATED  # revoked
+    finally:
+        runtime.stop_in_thread()
+
+
+def test_a_broken_or_empty_keys_file_keeps_the_keys_in_force(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(auth, "CHECK_INTERVAL_S", 0.0)
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"{INFER_KEY} infer\n")
+    store = KeyStore.from_settings("", str(keys_file))
+    keys_file.write_text(f"{ADMIN_KEY} root\n")  # an unknown scope: not loaded
+    assert store.lookup(INFER_KEY) == {Scope.INFER}
+    assert store.lookup(ADMIN_KEY) is None
+    keys_file.write_text("# everyone left\n")  # no key: auth must not silently turn off
+    assert store.lookup(INFER_KEY) == {Scope.INFER}
+    assert store.enabled
+    keys_file.write_text(f"{ADMIN_KEY} admin\n")
+    assert store.lookup(ADMIN_KEY) == {Scope.ADMIN}
+    assert store.lookup(INFER_KEY) is None
