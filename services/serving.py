@@ -113,6 +113,7 @@ class ServingModels(Generic[M]):
         load: Callable[[Path], M],
         warm_up: Callable[[M], None],
         metrics: CollectorRegistry,
+        release: Callable[[M], None] = lambda _m: None,
         on_resident: Callable[[str], None] = lambda _v: None,
     ) -> None:
         self.role = role
@@ -125,6 +126,7 @@ class ServingModels(Generic[M]):
         self.pool: ModelPool[M] = ModelPool(
             load=load,
             warm_up=warm_up,
+            release=release,
             registry=metrics,
             component=self.component,
             on_reject=self._rejected,

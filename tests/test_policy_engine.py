@@ -12,15 +12,10 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from rlhf.models import build_tiny, load_policy
-from services.policy.engine import (
-    Engine,
-    FinishReason,
-    GenerationFailed,
-    LoadedPolicy,
-    QueueFull,
-    SampleDone,
-)
-from services.policy.sampling import Detokenizer, RowState, SamplingParams, select_tokens
+from services.policy.engine import FinishReason, GenerationFailed, QueueFull, SampleDone
+from services.policy.engines.native import LoadedPolicy
+from services.policy.engines.native import NativeEngine as Engine
+from services.policy.sampling import Detokenizer, Sampler, SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -241,19 +236,19 @@ def test_queue_bound(policies) -> None:
         engine.stop()
 
 
-def test_select_tokens_truncation() -> None:
+def test_sampler_truncation_and_penalty() -> None:
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]] * 3)
-    g = [torch.Generator().manual_seed(i) for i in range(3)]
-    rows = [
-        RowState(SamplingParams(do_sample=True, top_k=1), g[0], []),
-        RowState(SamplingParams(do_sample=True, top_p=0.01), g[1], []),
-        # Repetition penalty 4 turns token 1's logit 3 into 0.75, below token 3's 2.
-        RowState(SamplingParams(repetition_penalty=4.0), None, [1]),
-    ]
-    tokens, logprobs = select_tokens(logits, rows)
+    sampler = Sampler(slots=4, vocab=4, max_new_tokens=8, device=torch.device("cpu"))
+    sampler.start(0, SamplingParams(do_sample=True, top_k=1), seed=0, context=[])
+    sampler.start(2, SamplingParams(do_sample=True, top_p=0.01), seed=1, context=[])
+    # Repetition penalty 4 turns token 1's logit 3 into 0.75, below token 3's 2.
+    sampler.start(3, SamplingParams(repetition_penalty=4.0), seed=2, context=[1])
+    tokens, logprobs = sampler.select(logits, [0, 2, 3])
     assert tokens == [1, 1, 3]
     expected = torch.log_softmax(logits[0], dim=-1)
     assert logprobs == pytest.approx([expected[1].item(), expected[1].item(), expected[3].item()])
+    # The chosen token is now seen too: the next step penalises token 3 as well (2 -> 0.5).
+    assert sampler.select(logits[:1], [3])[0] == [2]
 
 
 def test_detokenizer_holds_back_split_characters(policies) -> None:
@@ -269,15 +264,18 @@ def test_detokenizer_holds_back_split_characters(policies) -> None:
 def test_sampling_follows_the_distribution() -> None:
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     probs = torch.softmax(logits[0], dim=-1)
-    generator = torch.Generator().manual_seed(0)
-    full = RowState(SamplingParams(do_sample=True), generator, [])
-    top2 = RowState(SamplingParams(do_sample=True, top_k=2), generator, [])
     draws = 4000
+    sampler = Sampler(slots=2, vocab=4, max_new_tokens=draws, device=torch.device("cpu"))
+    sampler.start(0, SamplingParams(do_sample=True, max_new_tokens=draws), seed=0, context=[])
+    sampler.start(
+        1, SamplingParams(do_sample=True, top_k=2, max_new_tokens=draws), seed=1, context=[]
+    )
     counts = torch.zeros(4)
     truncated = torch.zeros(4)
     for _ in range(draws):
-        counts[select_tokens(logits, [full])[0][0]] += 1
-        truncated[select_tokens(logits, [top2])[0][0]] += 1
+        full, top2 = sampler.select(logits.expand(2, 4), [0, 1])[0]
+        counts[full] += 1
+        truncated[top2] += 1
     torch.testing.assert_close(counts / draws, probs, atol=0.03, rtol=0)
     assert truncated[2:].sum() == 0  # outside top_k: never drawn
     want = probs[:2] / probs[:2].sum()

@@ -27,18 +27,66 @@ class LimitsConfig:
             raise ValueError("limits.default_max_new_tokens must be in 1..limits.max_new_tokens")
 
 
+ENGINES = ("native", "vllm")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
-    max_batch_size: int = option(32, "sequences decoded together in one forward pass")
+    kind: str = option(
+        "native",
+        "generation engine: native (transformers, in process) or vllm (a vLLM server process "
+        "per model version; see --vllm.*)",
+    )
+    max_batch_size: int = option(32, "sequences decoded together (native: KV slots per version)")
     max_queue: int = option(256, "requests waiting for a batch slot before RESOURCE_EXHAUSTED")
-    max_prefill_tokens: int = option(
-        4096, "prompt tokens prefilled in one step (bounds step latency)"
+    max_step_tokens: int = option(
+        2048,
+        "tokens per forward pass, decode rows + prompt chunks (native; bounds step latency, "
+        "longer prompts are prefilled in chunks)",
+    )
+    max_seq_len: int = option(
+        0,
+        "KV slot length in tokens (native; 0: limits.max_input_tokens + limits.max_new_tokens)",
     )
     torch_threads: int = option(0, "torch CPU threads (0: torch's default)")
 
     def __post_init__(self) -> None:
-        if min(self.max_batch_size, self.max_queue, self.max_prefill_tokens) < 1:
+        if self.kind not in ENGINES:
+            raise ValueError(f"engine.kind must be one of {', '.join(ENGINES)}, got {self.kind!r}")
+        if min(self.max_batch_size, self.max_queue, self.max_step_tokens) < 1:
             raise ValueError("engine sizes must be >= 1")
+        if self.max_step_tokens <= self.max_batch_size:
+            raise ValueError("engine.max_step_tokens must exceed engine.max_batch_size")
+        if self.max_seq_len < 0:
+            raise ValueError("engine.max_seq_len must be >= 0")
+
+
+@dataclass(frozen=True)
+class VLLMConfig:
+    python: str = option(
+        "",
+        "python of an environment with vLLM (empty: the one scripts/vllm_env.sh builds and "
+        "caches under ~/.cache/rlhf)",
+    )
+    gpu_memory_utilization: float = option(
+        0.45,
+        "share of GPU memory each version's vLLM process takes (weights + KV cache); a swap "
+        "runs two side by side, so keep it under 0.5",
+    )
+    cpu_kv_cache_gb: float = option(
+        1.0, "KV cache per process on CPU builds (VLLM_CPU_KVCACHE_SPACE)"
+    )
+    tensor_parallel_size: int = option(1, "GPUs per version (vLLM --tensor-parallel-size)")
+    max_num_seqs: int = option(0, "vLLM --max-num-seqs (0: engine.max_batch_size)")
+    threads: int = option(0, "CPU builds: OpenMP threads per process (0: vLLM's default)")
+    start_timeout_s: float = option(900.0, "how long a version's process may take to serve")
+    extra_args: tuple[str, ...] = option((), "more `vllm serve` arguments, comma-separated")
+
+    def __post_init__(self) -> None:
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("vllm.gpu_memory_utilization must be in (0, 1]")
+        if self.tensor_parallel_size < 1 or self.start_timeout_s <= 0:
+            raise ValueError("vllm.tensor_parallel_size must be >= 1, start_timeout_s > 0")
 
 
 @dataclass(frozen=True)
@@ -83,7 +131,8 @@ class PolicyRuntimeConfig(RuntimeConfig):
 class PolicyServerConfig:
     model: ModelConfig = section(ModelConfig, "the policy to serve")
     limits: LimitsConfig = section(LimitsConfig, "request limits")
-    engine: EngineConfig = section(EngineConfig, "batching engine")
+    engine: EngineConfig = section(EngineConfig, "generation engine")
+    vllm: VLLMConfig = section(VLLMConfig, "the vLLM engine (--engine.kind vllm)")
     publish: PublishConfig = section(PublishConfig, "publishing served generations to Kafka")
     follow: FollowConfig = section(
         FollowConfig, "following the models topic and registry (hot swap; --model.registry only)"
@@ -93,3 +142,12 @@ class PolicyServerConfig:
     def __post_init__(self) -> None:
         if self.limits.max_n > self.engine.max_batch_size:
             raise ValueError("limits.max_n must not exceed engine.max_batch_size")
+        if 0 < self.engine.max_seq_len < self.limits.max_input_tokens + self.limits.max_new_tokens:
+            raise ValueError(
+                "engine.max_seq_len must hold limits.max_input_tokens + limits.max_new_tokens"
+            )
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens one sequence may hold: prompt and new tokens."""
+        return self.engine.max_seq_len or self.limits.max_input_tokens + self.limits.max_new_tokens

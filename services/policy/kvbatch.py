@@ -1,126 +1,258 @@
-"""Rows of sequences decoding together over one KV cache (the engine's batch state).
+"""KV memory preallocated per slot, written in place, and the packed forward pass over it.
 
-Rows are left-padded to a common length: ``mask`` marks real tokens, and each row's position
-ids count only its real tokens, so a row computes exactly what it would compute alone. Rows
-join (new requests after their prefill) and leave (finished, cancelled) between steps;
-columns that became padding in every row are trimmed away.
+A ``SlotCache`` holds, per layer, keys and values for ``slots`` sequences of up to
+``capacity`` tokens each: (layers, slots, kv_heads, capacity, head_dim), allocated once. A
+sequence owns one slot from admission to its end; each forward pass writes the new tokens'
+keys and values into their slots at their positions (``index_put_``), so nothing proportional
+to the cache is copied or allocated per token, and a finished sequence frees its slot for the
+next one without moving anybody else's.
+
+One forward pass (``SlotCache.forward``) runs a *packed* batch: the last token of every decoding
+sequence plus chunks of prompts being prefilled, all in one row of tokens with their own
+position ids, so no token is padding. The model's attention layers call ``slot_attention``
+(registered with transformers' ``AttentionInterface``): it writes the step's keys and values
+into the slots, then
+
+* decoding tokens attend, in one batched call, over the slots ``[0, hi)`` up to the longest
+  length, each masked to its own length (the attention reads the cache where it lies);
+* each prompt chunk attends causally over its own slot (its earlier chunks included).
+
+A request's ``n`` samples share one prefill: the prompt runs once, then its keys and values are
+copied into the other samples' slots (once per request, proportional to the prompt).
+
+Works with any transformers model whose attention goes through ``AttentionInterface`` with
+full (not sliding-window) attention: Llama, Qwen2/3, Mistral without a window, ...
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Generic, TypeVar
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
-from transformers.cache_utils import DynamicLayer
+from torch import Tensor
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from rlhf.models import pad
-
-Row = TypeVar("Row")
-KV = list[tuple[torch.Tensor, torch.Tensor]]
+ATTENTION = "rlhf_slots"
 
 
-class KVBatch(Generic[Row]):
-    def __init__(self, model: PreTrainedModel, rows: list[Row], kv: KV, mask: torch.Tensor) -> None:
+@dataclass
+class Chunk:
+    """Prompt tokens ``[start, start + len(tokens))`` of the sequence in ``slot``."""
+
+    slot: int
+    start: int
+    tokens: Sequence[int]
+
+
+@dataclass
+class _Step:
+    """What ``slot_attention`` needs to know about one packed forward pass."""
+
+    cache: SlotCache
+    decode_count: int  # the first decode_count packed tokens are decoding sequences
+    decode_slots: Tensor  # (D,) their slots
+    decode_positions: Tensor  # (D,) where their new token goes
+    hi: int  # decode attention spans slots [0, hi) ...
+    span: int  # ... and positions [0, span)
+    dense: bool  # the decoding slots are exactly 0..hi-1, in order: no query scatter
+    decode_mask: Tensor | None  # (hi, 1, 1, span) bool
+    chunks: list[tuple[int, int, int, int]]  # (slot, packed offset, cache start, length)
+
+
+def slot_attention(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    rlhf_step: _Step | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """transformers attention over the slot cache; plain SDPA for any other call."""
+    if rlhf_step is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    step = rlhf_step
+    layer = int(module.layer_idx)  # type: ignore[arg-type]
+    keys, values = step.cache.k[layer], step.cache.v[layer]
+    gqa = query.shape[1] != key.shape[1]
+    d = step.decode_count
+    outs = []
+    if d:
+        # (1, H, D, hd) -> (D, H, hd), written at each sequence's own position.
+        keys[step.decode_slots, :, step.decode_positions] = key[0, :, :d].transpose(0, 1)
+        values[step.decode_slots, :, step.decode_positions] = value[0, :, :d].transpose(0, 1)
+    for slot, offset, start, length in step.chunks:
+        keys[slot, :, start : start + length] = key[0, :, offset : offset + length]
+        values[slot, :, start : start + length] = value[0, :, offset : offset + length]
+    if d:
+        q = query[0, :, :d].transpose(0, 1)  # (D, H, hd)
+        if not step.dense:
+            full = q.new_zeros(step.hi, q.shape[1], q.shape[2])
+            full[step.decode_slots] = q
+            q = full
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, None],
+            keys[: step.hi, :, : step.span],
+            values[: step.hi, :, : step.span],
+            attn_mask=step.decode_mask,
+            scale=scaling,
+            enable_gqa=gqa,
+        )[:, :, 0]
+        if not step.dense:
+            out = out[step.decode_slots]
+        outs.append(out[None])  # (1, D, H, hd)
+    for slot, offset, start, length in step.chunks:
+        q = query[:, :, offset : offset + length]
+        k = keys[slot : slot + 1, :, : start + length]
+        v = values[slot : slot + 1, :, : start + length]
+        mask = None
+        if start:
+            rows = torch.arange(start, start + length, device=q.device)[:, None]
+            mask = torch.arange(start + length, device=q.device)[None, :] <= rows
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=not start, scale=scaling, enable_gqa=gqa
+        )
+        outs.append(out.transpose(1, 2))  # (1, L, H, hd)
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), None
+
+
+AttentionInterface.register(ATTENTION, slot_attention)
+
+
+def check_supported(model: PreTrainedModel) -> None:
+    """Raises TypeError for models whose attention the slot cache would compute wrongly."""
+    config = model.config
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        raise TypeError("the native engine needs full attention; this model uses a sliding window")
+    layer_types = getattr(config, "layer_types", None) or ()
+    if any(t != "full_attention" for t in layer_types):
+        raise TypeError(f"the native engine needs full attention in every layer, got {layer_types}")
+    if not getattr(model, "_supports_attention_backend", False):
+        raise TypeError(f"{type(model).__name__} does not take a custom attention backend")
+
+
+class SlotCache:
+    """Preallocated per-slot KV memory of one model (see the module docstring)."""
+
+    def __init__(self, model: PreTrainedModel, slots: int, capacity: int) -> None:
+        check_supported(model)
+        config = model.config
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        param = next(model.parameters())
+        shape = (config.num_hidden_layers, slots, kv_heads, capacity, head_dim)
+        # Zeros, not empty: a masked-out position is still multiplied by a zero weight, and
+        # uninitialised memory may hold NaN.
+        self.k = torch.zeros(shape, dtype=param.dtype, device=param.device)
+        self.v = torch.zeros(shape, dtype=param.dtype, device=param.device)
         self.model = model
-        self.rows = rows
-        self.kv = kv  # per layer (keys, values), each (B, heads, T, head_dim)
-        self.mask = mask  # (B, T), 1 where the cache holds a real token
+        self.slots = slots
+        self.capacity = capacity
+        self.device = param.device
+        self.lengths = [0] * slots  # tokens held per slot
+        self._free = list(range(slots))
+        if model.config._attn_implementation != ATTENTION:
+            # Other callers of this model (warm-up, scoring) get plain SDPA from slot_attention.
+            model.set_attn_implementation(ATTENTION)
 
-    @classmethod
-    def prefill(
-        cls,
-        model: PreTrainedModel,
-        prompts: Sequence[Sequence[int]],
-        repeats: Sequence[int],
-        rows: list[Row],
-        pad_id: int,
-    ) -> tuple[KVBatch[Row], torch.Tensor]:
-        """Runs the prompts once and gives prompt i ``repeats[i]`` rows (its n samples).
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
 
-        Returns the batch and the next-token logits of every row, (sum(repeats), V) float32.
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int:
+        """The lowest free slot (keeps the decode span ``[0, hi)`` short)."""
+        self._free.sort()
+        slot = self._free.pop(0)
+        self.lengths[slot] = 0
+        return slot
+
+    def release(self, slot: int) -> None:
+        self.lengths[slot] = 0
+        self._free.append(slot)
+
+    def copy_prefix(self, source: int, targets: Sequence[int], length: int) -> None:
+        """Gives ``targets`` the first ``length`` positions of ``source`` (a prompt's n samples)."""
+        if not targets:
+            return
+        idx = torch.tensor(list(targets), device=self.device)
+        self.k[:, idx, :, :length] = self.k[:, source : source + 1, :, :length]
+        self.v[:, idx, :, :length] = self.v[:, source : source + 1, :, :length]
+        for t in targets:
+            self.lengths[t] = length
+
+    def forward(
+        self, decode_slots: Sequence[int], last_tokens: Sequence[int], chunks: Sequence[Chunk]
+    ) -> Tensor:
+        """One packed pass: each decoding slot's last token, then the prompt chunks.
+
+        Returns float32 next-token logits for every decoding slot (in order), then one row for
+        every chunk (the logits after its last token; only a prompt's final chunk uses them).
         """
-        device = next(model.parameters()).device
-        ids, mask = pad(prompts, pad_id, side="left")
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        out = model(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            position_ids=positions.to(device),
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
+        device = self.device
+        d = len(decode_slots)
+        positions = [self.lengths[s] for s in decode_slots]
+        ids = list(last_tokens)
+        pos = list(positions)
+        plan = []
+        keep = list(range(d))
+        for chunk in chunks:
+            length = len(chunk.tokens)
+            plan.append((chunk.slot, len(ids), chunk.start, length))
+            ids.extend(chunk.tokens)
+            pos.extend(range(chunk.start, chunk.start + length))
+            keep.append(len(ids) - 1)
+        for s, p in zip(decode_slots, positions, strict=True):
+            if p >= self.capacity:
+                raise ValueError(f"slot {s} is full ({self.capacity} tokens)")
+        hi = max(decode_slots) + 1 if d else 0
+        span = max(positions) + 1 if d else 0
+        slots_t = torch.tensor(list(decode_slots), dtype=torch.long, device=device)
+        mask = None
+        if d:
+            # Slots in [0, hi) that do not decode this step (free, or prefilling) attend to
+            # position 0 only: their output is thrown away, but it must not be NaN.
+            lengths = torch.zeros(hi, dtype=torch.long, device=device)
+            lengths[slots_t] = torch.tensor(positions, dtype=torch.long, device=device)
+            mask = (torch.arange(span, device=device)[None, :] <= lengths[:, None])[
+                :, None, None, :
+            ]
+        step = _Step(
+            cache=self,
+            decode_count=d,
+            decode_slots=slots_t,
+            decode_positions=torch.tensor(positions, dtype=torch.long, device=device),
+            hi=hi,
+            span=span,
+            dense=list(decode_slots) == list(range(hi)),
+            decode_mask=mask,
+            chunks=plan,
         )
-        r = torch.tensor(list(repeats), device=device)
-        kv = [(k.repeat_interleave(r, dim=0), v.repeat_interleave(r, dim=0)) for k, v in _kv(cache)]
-        logits = out.logits[:, -1, :].float().repeat_interleave(r, dim=0)
-        return cls(model, rows, kv, mask.to(device).repeat_interleave(r, dim=0)), logits
-
-    def decode(self, last_tokens: Sequence[int]) -> torch.Tensor:
-        """Feeds each row its last token; returns the next-token logits, (B, V) float32."""
-        device = self.mask.device
-        last = torch.tensor(list(last_tokens), dtype=torch.long, device=device)
-        positions = self.mask.sum(dim=1, keepdim=True)
-        mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
-        cache = DynamicCache(ddp_cache_data=self.kv)
         out = self.model(
-            input_ids=last[:, None],
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
+            input_ids=torch.tensor([ids], dtype=torch.long, device=device),
+            position_ids=torch.tensor([pos], dtype=torch.long, device=device),
+            # A 4D mask is taken as already built: transformers makes none of its own.
+            attention_mask=_NO_MASK.to(device),
+            use_cache=False,
+            logits_to_keep=torch.tensor(keep, device=device),
+            rlhf_step=step,
         )
-        self.kv = _kv(cache)
-        self.mask = mask
-        return out.logits[:, -1, :].float()
-
-    def select(self, keep: Sequence[int]) -> None:
-        """Keeps only the rows at ``keep`` (in that order)."""
-        idx = torch.tensor(list(keep), dtype=torch.long, device=self.mask.device)
-        self.rows = [self.rows[i] for i in keep]
-        self.mask = self.mask.index_select(0, idx)
-        # Columns that are padding in every remaining row are dead weight in every later step.
-        start = int(self.mask.any(dim=0).long().argmax()) if keep else 0
-        self.mask = self.mask[:, start:]
-        self.kv = [
-            (k.index_select(0, idx)[:, :, start:], v.index_select(0, idx)[:, :, start:])
-            for k, v in self.kv
-        ]
-
-    def join(self, other: KVBatch[Row]) -> None:
-        """Appends ``other``'s rows, left-padding the shorter cache to the longer one."""
-        width = max(self.mask.shape[1], other.mask.shape[1])
-
-        def left_pad(t: torch.Tensor, dim: int) -> torch.Tensor:
-            missing = width - t.shape[dim]
-            if missing == 0:
-                return t
-            shape = list(t.shape)
-            shape[dim] = missing
-            return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-        self.rows += other.rows
-        self.mask = torch.cat([left_pad(self.mask, 1), left_pad(other.mask, 1)])
-        self.kv = [
-            (
-                torch.cat([left_pad(k1, 2), left_pad(k2, 2)]),
-                torch.cat([left_pad(v1, 2), left_pad(v2, 2)]),
-            )
-            for (k1, v1), (k2, v2) in zip(self.kv, other.kv, strict=True)
-        ]
+        for s in decode_slots:
+            self.lengths[s] += 1
+        for chunk in chunks:
+            self.lengths[chunk.slot] = chunk.start + len(chunk.tokens)
+        return out.logits[0].float()
 
 
-def _kv(cache: DynamicCache) -> KV:
-    out = []
-    for layer in cache.layers:
-        # Sliding-window and linear-attention layers keep a different state that left-padding
-        # and joining rows would corrupt; such models need another engine.
-        if type(layer) is not DynamicLayer or layer.keys is None or layer.values is None:
-            raise TypeError(
-                f"the engine supports full-attention KV caches only, not {type(layer).__name__}"
-            )
-        out.append((layer.keys, layer.values))
-    return out
+_NO_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)

@@ -1,9 +1,10 @@
-"""Per-sequence token selection and incremental detokenisation for the batching engine.
+"""Token selection and incremental detokenisation for the native engine.
 
 Every row of a decode batch may carry its own sampling parameters (TGI's: temperature,
-top_p, top_k, repetition_penalty, greedy or sampled) and its own seeded ``torch.Generator``,
-so one forward pass serves requests that asked for different things, and a seeded request
-draws the same tokens whatever else shares its batch.
+top_p, top_k, repetition_penalty, greedy or sampled) and its own seeded draws, so one forward
+pass serves requests that asked for different things, and a seeded request draws the same
+tokens whatever else shares its batch. The parameters live in per-slot tensors (``Sampler``),
+so selection costs the same few tensor operations at any batch size.
 """
 
 from __future__ import annotations
@@ -29,79 +30,114 @@ class SamplingParams:
     seed: int | None = None
 
 
-@dataclass
-class RowState:
-    """What token selection needs to know about one sequence of the batch."""
-
-    params: SamplingParams
-    generator: torch.Generator | None
-    # Prompt and generated ids so far (repetition penalty looks at both, as in transformers).
-    context: list[int]
-
-
 def sample_seed(seed: int, index: int) -> int:
     """Seed of sample ``index`` of a seeded request: distinct per sample, fixed per (seed, index)."""
     return (seed * 1_000_003 + index * 7919 + 1) % (2**63 - 1)
 
 
-def select_tokens(logits: Tensor, rows: Sequence[RowState]) -> tuple[list[int], list[float]]:
-    """Chooses the next token of every row; returns (token ids, their logprobs).
+def draws(seed: int, count: int) -> Tensor:
+    """The uniform draws of one sample, one per token: the sample's own generator, so a seeded
+    request draws the same tokens whatever shares its batch."""
+    return torch.rand(count, generator=torch.Generator().manual_seed(seed))
 
-    ``logits``: (B, V) float32 for the last position. The logprob reported is under the
-    unprocessed distribution (temperature 1, no truncation), which is what training uses as
-    the behaviour policy's log-probability (inference.proto, Token.logprob).
+
+class Sampler:
+    """Sampling state of every slot of a batch, as tensors, so choosing the next token of all
+    rows is a handful of vectorised operations whatever their parameters.
+
+    A slot's row is set when a sample starts (``start``); ``select`` then takes the last-position
+    logits of any rows and their slot numbers. The logprob reported is under the unprocessed
+    distribution (temperature 1, no penalty, no truncation), which is what training uses as the
+    behaviour policy's log-probability (inference.proto, Token.logprob).
     """
-    base_logprobs = torch.log_softmax(logits, dim=-1)
-    scores = logits
-    penalised = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
-    if penalised:
-        scores = scores.clone()
-        for i in penalised:
-            ids = torch.tensor(sorted(set(rows[i].context)), dtype=torch.long, device=scores.device)
-            p = rows[i].params.repetition_penalty
-            picked = scores[i, ids]
-            scores[i, ids] = torch.where(picked > 0, picked / p, picked * p)
 
-    sampled = [i for i, r in enumerate(rows) if r.params.do_sample]
-    tokens = scores.argmax(dim=-1)
-    if sampled:
-        tokens = tokens.clone()
-        idx = torch.tensor(sampled, dtype=torch.long, device=scores.device)
-        sub = scores.index_select(0, idx)
-        params = [rows[i].params for i in sampled]
-        sub = sub / torch.tensor([p.temperature for p in params], device=sub.device)[:, None]
-        sub = _top_k(sub, [p.top_k for p in params])
-        sub = _top_p(sub, [p.top_p for p in params])
-        cdf = torch.softmax(sub, dim=-1).cumsum(dim=-1)
-        # Inverse-CDF sampling: one uniform draw from each row's own generator, then one
-        # vectorised search (a multinomial call per row costs several times more).
-        u = torch.cat(
-            [torch.rand(1, generator=rows[i].generator, device=sub.device) for i in sampled]
-        )
-        # right=True: the first token whose cumulative mass exceeds the draw, so tokens that
-        # top_k / top_p gave zero mass can never be picked.
-        picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
-        tokens[idx] = picked.clamp(max=sub.shape[-1] - 1)
-    chosen = base_logprobs.gather(1, tokens[:, None]).squeeze(1)
-    return tokens.tolist(), chosen.tolist()
+    def __init__(self, slots: int, vocab: int, max_new_tokens: int, device: torch.device) -> None:
+        self.device = device
+        self.vocab = vocab
+        self.do_sample = torch.zeros(slots, dtype=torch.bool, device=device)
+        self.temperature = torch.ones(slots, device=device)
+        self.top_p = torch.ones(slots, device=device)
+        self.top_k = torch.zeros(slots, dtype=torch.long, device=device)
+        self.penalty = torch.ones(slots, device=device)
+        # One uniform per token a sample may draw (inverse-CDF sampling needs just that).
+        self.uniform = torch.zeros(slots, max_new_tokens, device=device)
+        self.step = torch.zeros(slots, dtype=torch.long, device=device)
+        self._seen: Tensor | None = None  # (slots, vocab) bool, made when a penalty first asks
+        self._params: list[SamplingParams | None] = [None] * slots
+
+    def start(self, slot: int, params: SamplingParams, seed: int, context: Sequence[int]) -> None:
+        """Sets ``slot`` up for a new sample of ``params``; ``context`` is its prompt."""
+        self._params[slot] = params
+        self.do_sample[slot] = params.do_sample
+        self.temperature[slot] = params.temperature
+        self.top_p[slot] = params.top_p
+        self.top_k[slot] = params.top_k
+        self.penalty[slot] = params.repetition_penalty
+        self.step[slot] = 0
+        if params.do_sample:
+            count = min(params.max_new_tokens, self.uniform.shape[1])
+            self.uniform[slot, :count] = draws(seed, count).to(self.device)
+        if params.repetition_penalty != 1.0:
+            if self._seen is None:
+                self._seen = torch.zeros(
+                    len(self._params), self.vocab, dtype=torch.bool, device=self.device
+                )
+            self._seen[slot] = False
+            ids = torch.tensor(list(context), dtype=torch.long, device=self.device)
+            self._seen[slot, ids[ids < self.vocab]] = True
+
+    def select(self, logits: Tensor, slots: Sequence[int]) -> tuple[list[int], list[float]]:
+        """Chooses the next token of every row; returns (token ids, their logprobs).
+
+        ``logits``: (R, V) float32 for the last position of the rows in ``slots``.
+        """
+        params = [self._params[s] for s in slots]
+        idx = torch.tensor(list(slots), dtype=torch.long, device=self.device)
+        base_logprobs = torch.log_softmax(logits, dim=-1)
+        scores = logits
+        if self._seen is not None and any(
+            p is not None and p.repetition_penalty != 1.0 for p in params
+        ):
+            # As in transformers: a seen token's logit is divided by the penalty if positive,
+            # multiplied if negative (prompt and generated tokens alike).
+            penalty = self.penalty.index_select(0, idx)[:, None]
+            seen = self._seen.index_select(0, idx)[:, : scores.shape[-1]]
+            penalised = torch.where(scores > 0, scores / penalty, scores * penalty)
+            scores = torch.where(seen, penalised, scores)
+        tokens = scores.argmax(dim=-1)
+        if any(p is not None and p.do_sample for p in params):
+            sub = scores / self.temperature.index_select(0, idx)[:, None]
+            if any(p is not None and p.top_k > 0 for p in params):
+                sub = _top_k(sub, self.top_k.index_select(0, idx))
+            if any(p is not None and p.top_p < 1.0 for p in params):
+                sub = _top_p(sub, self.top_p.index_select(0, idx))
+            cdf = torch.softmax(sub, dim=-1).cumsum(dim=-1)
+            step = self.step.index_select(0, idx).clamp(max=self.uniform.shape[1] - 1)
+            u = self.uniform[idx, step]
+            # right=True: the first token whose cumulative mass exceeds the draw, so tokens that
+            # top_k / top_p gave zero mass can never be picked.
+            picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
+            picked = picked.clamp(max=sub.shape[-1] - 1)
+            tokens = torch.where(self.do_sample.index_select(0, idx), picked, tokens)
+        chosen = base_logprobs.gather(1, tokens[:, None]).squeeze(1)
+        self.step.index_add_(0, idx, torch.ones_like(idx))
+        if self._seen is not None:
+            self._seen[idx, tokens.clamp(max=self.vocab - 1)] = True
+        return tokens.tolist(), chosen.tolist()
 
 
-def _top_k(scores: Tensor, ks: list[int]) -> Tensor:
-    if not any(k > 0 for k in ks):
-        return scores
+def _top_k(scores: Tensor, k: Tensor) -> Tensor:
     vocab = scores.shape[-1]
-    k = torch.tensor([min(k, vocab) if k > 0 else vocab for k in ks], device=scores.device)
+    k = torch.where((k > 0) & (k < vocab), k, torch.full_like(k, vocab))
     top = torch.topk(scores, int(k.max()), dim=-1).values
     kth = top.gather(1, (k - 1)[:, None])
     return scores.masked_fill(scores < kth, float("-inf"))
 
 
-def _top_p(scores: Tensor, ps: list[float]) -> Tensor:
-    if not any(p < 1.0 for p in ps):
-        return scores
+def _top_p(scores: Tensor, p: Tensor) -> Tensor:
     # Rows without nucleus sampling get an infinite threshold, so float error in the running
     # sum can never cut their tail.
-    p = torch.tensor([x if x < 1.0 else float("inf") for x in ps], device=scores.device)
+    p = torch.where(p < 1.0, p, torch.full_like(p, float("inf")))
     sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
     probs = torch.softmax(sorted_scores, dim=-1)
     # Mass strictly before each token: the top token always survives.

@@ -29,22 +29,22 @@ from rlhf.runtime import Scope, ServerRuntime
 # One split function for every process, so a user lands in the same split everywhere.
 from rlhf.split import split_for_user
 from rlhf.v1 import admin_pb2_grpc, events_pb2, inference_pb2, inference_pb2_grpc
-from services.policy import versions
 from services.policy.config import LimitsConfig, PolicyServerConfig
 from services.policy.engine import (
-    Engine,
     EngineStopped,
     FinishReason,
     Generation,
+    GenerationEngine,
     GenerationFailed,
-    LoadedPolicy,
+    Policy,
     QueueFull,
     SampleDone,
     TokenEvent,
 )
+from services.policy.engines import make_engine
 from services.policy.publisher import GenerationPublisher
 from services.policy.sampling import SamplingParams
-from services.serving import ServingModels
+from services.serving import ServingModels, version_of
 
 log = logging.getLogger(__name__)
 
@@ -147,15 +147,15 @@ class _Call:
     lease: contextlib.ExitStack
 
     @property
-    def policy(self) -> LoadedPolicy:
+    def policy(self) -> Policy:
         return self.gen.policy
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(
         self,
-        engine: Engine,
-        pool: ModelPool[LoadedPolicy],
+        engine: GenerationEngine,
+        pool: ModelPool[Policy],
         limits: LimitsConfig,
         publisher: GenerationPublisher | None,
         split_fractions: tuple[float, float] = (0.05, 0.05),
@@ -196,7 +196,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     def _acquire(
         self, request: inference_pb2.GenerateRequest, lease: contextlib.ExitStack
-    ) -> LoadedPolicy:
+    ) -> Policy:
         """The version this request runs on (pinned, canary or promoted), held by ``lease``."""
         try:
             version = request.model_version or self._pool.choose(request.user_id)
@@ -217,7 +217,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         context: grpc.aio.ServicerContext,
         params: SamplingParams,
         n: int,
-        policy: LoadedPolicy,
+        policy: Policy,
         lease: contextlib.ExitStack,
         *,
         stream: bool,
@@ -228,7 +228,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"prompt is {len(prompt_ids)} tokens, over the limit of {self._limits.max_input_tokens}",
             )
-        max_positions = getattr(policy.model.config, "max_position_embeddings", None)
+        max_positions = policy.max_context
         if max_positions and len(prompt_ids) + params.max_new_tokens > max_positions:
             raise BadRequest(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -251,11 +251,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             raise BadRequest(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy: {exc}") from exc
         except EngineStopped as exc:
             raise BadRequest(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
+        except ValueError as exc:  # over the engine's own limits (n, tokens per sequence)
+            raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
         request_id = request.request_id or uuid.uuid4().hex
         return _Call(request_id, request, params, gen, [uuid.uuid4().hex for _ in range(n)], lease)
 
     @staticmethod
-    async def _tokenize(policy: LoadedPolicy, prompt: str) -> list[int]:
+    async def _tokenize(policy: Policy, prompt: str) -> list[int]:
         def encode() -> list[int]:
             return list(policy.tokenizer(prompt, add_special_tokens=True)["input_ids"])
 
@@ -378,19 +380,22 @@ class PolicyServer:
         self.registry = registry
         self.runtime = ServerRuntime(config.runtime, registry, component="policy")
         self.runtime.set_ready(INFERENCE, False)
-        self.models: ServingModels[LoadedPolicy] = ServingModels(
+        self.engine: GenerationEngine = make_engine(config, registry)
+        engine = self.engine
+        fixed_name = config.model.version if config.model.path else ""
+        self.models: ServingModels[Policy] = ServingModels(
             role=events_pb2.MODEL_ROLE_POLICY,
             path=config.model.path,
             version=config.model.version,
             registry_dir=config.model.registry,
             follow=config.follow,
-            load=lambda path: versions.load(path, config.model),
-            warm_up=versions.warm_up,
+            load=lambda path: engine.load(path, version_of(path, fixed_name)),
+            warm_up=engine.warm_up,
+            release=engine.unload,
             metrics=registry,
             on_resident=lambda _version: self.runtime.set_ready(INFERENCE, True),
         )
         self.pool = self.models.pool
-        self.engine: Engine | None = None
         self.publisher: GenerationPublisher | None = None
 
     async def add_servicers(self, server: grpc.aio.Server) -> None:
@@ -414,13 +419,7 @@ class PolicyServer:
             log.warning(
                 "publish.bootstrap_servers is empty: served generations are NOT published to Kafka"
             )
-        engine = Engine(
-            self.registry,
-            max_batch_size=cfg.engine.max_batch_size,
-            max_queue=cfg.engine.max_queue,
-            max_prefill_tokens=cfg.engine.max_prefill_tokens,
-        )
-        self.engine = engine
+        engine = self.engine
         # Registered last, so it runs first: the engine stops before the publisher flushes.
         self.runtime.on_stop(lambda: asyncio.to_thread(engine.stop))
         servicer = InferenceServicer(

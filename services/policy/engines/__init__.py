@@ -1,0 +1,35 @@
+"""Implementations of the ``GenerationEngine`` protocol (``services/policy/engine.py``)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry
+
+from services.policy.config import PolicyServerConfig
+from services.policy.engine import GenerationEngine
+
+
+def make_engine(config: PolicyServerConfig, registry: CollectorRegistry) -> GenerationEngine:
+    """The engine ``--engine.kind`` names, sized from the server's config."""
+    engine = config.engine
+    if engine.kind == "vllm":
+        from services.policy.engines.vllm import VLLMEngine
+
+        return VLLMEngine(
+            registry,
+            config.vllm,
+            max_queue=engine.max_queue,
+            max_batch_size=engine.max_batch_size,
+            max_seq_len=config.seq_len,
+            dtype=config.model.dtype,
+        )
+    from services.policy.engines.native import NativeEngine
+
+    return NativeEngine(
+        registry,
+        max_batch_size=engine.max_batch_size,
+        max_queue=engine.max_queue,
+        max_step_tokens=engine.max_step_tokens,
+        max_seq_len=config.seq_len,
+        device=config.model.device,
+        dtype=config.model.dtype,
+    )
