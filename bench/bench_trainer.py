@@ -177,10 +177,7 @@ def bench_ppo(policy_dir: Path, reward_dir: Path, episodes: int, minibatch: int,
     for it in range(iterations + 1):  # iteration 0 warms up and is not counted
         t0 = time.perf_counter()
         ids, mask = models.encode_prompts(tok, prompts, 64)
-        with torch.no_grad():
-            policy.generate(  # type: ignore[operator]
-                input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
-                            top_k=0, top_p=1.0, max_new_tokens=32, pad_token_id=tok.pad_token_id)  # fmt: skip
+        ppo.sample(policy, ids, mask, max_new_tokens=32, eos=ppo.eos_ids(policy, tok))
         t1 = time.perf_counter()
         ro = ppo.rollout(policy, reference, value, rm, tok, prompts, beta=0.02, max_new_tokens=32)
         t2 = time.perf_counter()
@@ -189,7 +186,7 @@ def bench_ppo(policy_dir: Path, reward_dir: Path, episodes: int, minibatch: int,
             ppo.ppo_step(policy, value, optimizer, mb, ptx=ptx, gamma_ptx=gamma_ptx)
         t3 = time.perf_counter()
         if it:
-            # rollout() generates and then scores; the bare generate call measures the first part.
+            # rollout() samples and then scores; the bare sample call measures the first part.
             times["generation"] += t1 - t0
             times["scoring"] += max(0.0, (t2 - t1) - (t1 - t0))
             times["training"] += t3 - t2

@@ -54,6 +54,10 @@ class Manifest:
     metrics: dict[str, float]
     offsets: dict[str, int]  # "topic:partition" -> next offset to read
     files: dict[str, str]  # relative path -> sha256 hex
+    # The fixed KL reference of the policy lineage: the SFT (or initial) policy version PPO's
+    # KL penalty and gate measure against (an SFT or initial policy names itself). A path
+    # when the reference is a model outside the registry; None in manifests written before.
+    reference: str | None = None
 
     def partition_offsets(self) -> dict[tuple[str, int], int]:
         """Offsets keyed like Kafka consumers want them: (topic, partition) -> next offset."""
@@ -70,10 +74,11 @@ class Manifest:
     def from_json(cls, text: str) -> Manifest:
         data = json.loads(text)
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = names - data.keys()
+        optional = {f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+        missing = names - optional - data.keys()
         if missing:
             raise CheckpointError(f"manifest lacks {sorted(missing)}")
-        return cls(**{k: data[k] for k in names})
+        return cls(**{k: data[k] for k in names if k in data})
 
 
 def _sha256(path: Path) -> str:
@@ -153,6 +158,7 @@ def publish(
     metrics: Mapping[str, float] | None = None,
     offsets: Mapping[tuple[str, int], int] | None = None,
     version: str | None = None,
+    reference: str | None = None,
 ) -> Manifest:
     """Publishes the files in `src` as a new immutable version of `role`.
 
@@ -180,6 +186,7 @@ def publish(
         metrics={k: float(v) for k, v in (metrics or {}).items()},
         offsets={f"{t}:{p}": int(o) for (t, p), o in sorted((offsets or {}).items())},
         files={str(p.relative_to(tmp)): _sha256(p) for p in _files(tmp)},
+        reference=reference,
     )
     (tmp / MANIFEST).write_text(manifest.to_json())
     for path in [*_files(tmp), tmp / MANIFEST]:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from rlhf.config import load_config
+from trainer import evaluate
 from trainer.config import PPOConfig, TrainerConfig
-from trainer.gates import GatesConfig, PolicyEval, RMEval, policy_gate, rm_gate
+from trainer.gates import GatesConfig, PolicyEval, RMEval, WinRate, policy_gate, rm_gate
 
 CFG = GatesConfig(rm_accuracy_margin=0.02, reward_tolerance=0.0, kl_budget=5.0,
                   ptx_tolerance=0.05, sft_tolerance=0.05, min_val_comparisons=8, min_val_prompts=8)  # fmt: skip
@@ -98,3 +99,32 @@ def test_config_parses_nested_flags_and_env_and_rejects_bad_values():
         TrainerConfig(device="tpu")
     with pytest.raises(ValueError, match="adam_betas"):
         load_config(TrainerConfig, flags={"sft.adam_betas": "0.9"})
+
+
+def test_win_rate_has_a_wilson_interval_and_ties_count_half():
+    # 48 wins of 64: p = 0.75; z = 1.96, z²/n = 0.060025, centre (0.75 + 0.0300125) / 1.060025
+    # = 0.73585, half-width 1.96 · sqrt(0.75 · 0.25 / 64 + 3.8416 / 16384) / 1.060025 = 0.10401.
+    win = WinRate.of([1.0] * 48 + [0.0] * 16)
+    assert (win.rate, win.n) == (0.75, 64)
+    assert win.low == pytest.approx(0.63184, abs=1e-4) and win.high == pytest.approx(
+        0.83986, abs=1e-4
+    )
+    # Identical answers tie: exactly one half, whatever the number of prompts.
+    assert evaluate.win_rate([0.3, -1.0], [0.3, -1.0]).rate == 0.5
+    assert evaluate.win_rate([1.0, 0.0, 2.0], [0.0, 1.0, 2.0]).rate == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        evaluate.win_rate([1.0], [])
+
+
+def test_ppo_gate_holds_back_a_policy_below_the_minimum_win_rate():
+    cfg = GatesConfig(min_win_rate=0.5, min_val_prompts=8)
+    before = PolicyEval(mean_reward=-1.0, kl=0.0, ptx_loss=2.0, prompts=64)
+    losing = PolicyEval(mean_reward=-0.5, kl=1.0, ptx_loss=2.0, prompts=64,
+                        win=WinRate.of([1.0] * 20 + [0.0] * 44))  # fmt: skip
+    result = policy_gate(cfg, "ppo", losing, before)
+    assert [f.gate for f in result.failures] == ["win_rate"]
+    assert "win rate vs the SFT reference 0.312" in result.describe()
+    winning = PolicyEval(mean_reward=-0.5, kl=1.0, ptx_loss=2.0, prompts=64,
+                         win=WinRate.of([1.0] * 40 + [0.5] * 24))  # fmt: skip
+    assert policy_gate(cfg, "ppo", winning, before).passed
+    assert policy_gate(GatesConfig(min_win_rate=0.0), "ppo", losing, before).passed

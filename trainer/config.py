@@ -108,7 +108,16 @@ class PPOConfig:
     ema_decay: float = option(
         0.992, "EMA of policy weights, published instead of raw weights (paper: 0.992; 0: off)"
     )
-    temperature: float = option(1.0, "sampling temperature of rollouts (paper: 1)")
+    temperature: float = option(
+        1.0,
+        "sampling temperature of rollouts (paper: 1); PPO's log-probs, the KL penalty and the "
+        "evaluation use the same temperature, so training stays on-policy",
+    )
+    missing_eos_penalty: float = option(
+        0.0,
+        "subtracted from the RM score of a rollout cut by max_new_tokens (no EOS; the RM only "
+        "ever learnt from ended responses); 0: off (the paper does not say)",
+    )
     max_new_tokens: int = option(32, "response length limit of rollouts")
     max_prompt_len: int = option(64, "prompt tokens kept (from the right)")
     ptx_seq_len: int = option(64, "tokens per pretraining example")
@@ -128,9 +137,11 @@ class PPOConfig:
         )
         _betas("ppo.adam_betas", self.adam_betas)
         _fraction(gae_lambda=self.gae_lambda, gae_gamma=self.gae_gamma, ema_decay=self.ema_decay)
-        if self.beta < 0 or self.gamma_ptx < 0 or self.ptx_ratio < 0 or self.warmup_iters < 0:
+        if min(self.beta, self.gamma_ptx, self.ptx_ratio, self.warmup_iters,
+               self.missing_eos_penalty) < 0:  # fmt: skip
             raise ValueError(
-                "ppo.beta, ppo.gamma_ptx, ppo.ptx_ratio and ppo.warmup_iters must be >= 0"
+                "ppo.beta, ppo.gamma_ptx, ppo.ptx_ratio, ppo.warmup_iters and "
+                "ppo.missing_eos_penalty must be >= 0"
             )
         if self.minibatch_size > self.episodes:
             raise ValueError("ppo.minibatch_size must be <= ppo.episodes")
@@ -200,13 +211,18 @@ class GatesConfig:
         8,
         "policy gate needs at least this many val prompts, otherwise the reward/KL gates are skipped",
     )
+    min_win_rate: float = option(
+        0.5,
+        "PPO-ptx rounds: the candidate must beat the lineage's SFT reference on at least this "
+        "share of val prompts (one sample each, judged by the current RM, ties count half); 0: off",
+    )
     eval_prompts: int = option(64, "val prompts used to evaluate a policy")
     eval_ptx_examples: int = option(
         32, "held-out pretraining examples used for the pretraining loss"
     )
 
     def __post_init__(self) -> None:
-        _fraction(rm_accuracy_margin=self.rm_accuracy_margin)
+        _fraction(rm_accuracy_margin=self.rm_accuracy_margin, min_win_rate=self.min_win_rate)
         _positive(
             kl_budget=self.kl_budget,
             eval_prompts=self.eval_prompts,

@@ -1,7 +1,8 @@
 """Held-out evaluation of reward models and policies (what the gates compare).
 
-Sampling is seeded inside a forked RNG, so the candidate and the published policy answer
-the same prompts with the same random numbers and a gate compares like with like.
+Sampling draws from a generator seeded per evaluation, so the candidate, the published policy
+and the reference answer the same prompts with the same random numbers and a gate compares
+like with like.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from trainer import losses, ppo
 from trainer import rm as rm_steps
 from trainer import sft as sft_steps
 from trainer.data import Comparison, Demonstration
-from trainer.gates import PolicyEval, RMEval
+from trainer.gates import PolicyEval, RMEval, WinRate
 
 
 @dataclass(frozen=True)
@@ -118,27 +119,41 @@ def sample_and_score(
     responses: list[str] = []
     rewards: list[float] = []
     kl: list[float] = []
-    with torch.random.fork_rng(devices=[policy.device] if policy.device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for i in range(0, len(prompts), batch_size):
-            # The RM stands in for the value network: rollout's advantages are not used here.
-            ro = ppo.rollout(
-                policy,
-                reference,
-                rm,
-                rm,
-                tok,
-                list(prompts[i : i + batch_size]),
-                beta=0.0,
-                max_new_tokens=max_new_tokens,
-                max_prompt_tokens=max_prompt_tokens,
-                temperature=temperature,
-                whiten_advantages=False,
-            )
-            responses += ro.responses
-            rewards += ro.rm_score.float().cpu().tolist()
-            kl += ro.kl.float().cpu().tolist()
+    # A generator of the evaluation's own: every policy evaluated with one seed draws the same
+    # random numbers, and the trainer's other random streams are left alone.
+    generator = torch.Generator(policy.device).manual_seed(seed)
+    for i in range(0, len(prompts), batch_size):
+        # The RM stands in for the value network: rollout's advantages are not used here.
+        ro = ppo.rollout(
+            policy,
+            reference,
+            rm,
+            rm,
+            tok,
+            list(prompts[i : i + batch_size]),
+            beta=0.0,
+            max_new_tokens=max_new_tokens,
+            max_prompt_tokens=max_prompt_tokens,
+            temperature=temperature,
+            whiten_advantages=False,
+            generator=generator,
+        )
+        responses += ro.responses
+        rewards += ro.rm_score.float().cpu().tolist()
+        kl += ro.kl.float().cpu().tolist()
     return Samples(list(prompts), responses, rewards, kl)
+
+
+def win_rate(candidate: Sequence[float], reference: Sequence[float]) -> WinRate:
+    """Per prompt, the candidate's score against the reference's (higher wins, equal ties)."""
+    if len(candidate) != len(reference):
+        raise ValueError(f"{len(candidate)} candidate scores but {len(reference)} reference scores")
+    return WinRate.of(
+        [
+            1.0 if c > r else 0.5 if c == r else 0.0
+            for c, r in zip(candidate, reference, strict=True)
+        ]
+    )
 
 
 def policy_eval(

@@ -7,7 +7,8 @@ or names itself and says why it failed; a round with any failure publishes nothi
 
     RM:     val accuracy >= previous - rm_accuracy_margin
     policy: mean RM reward on val prompts >= previous - reward_tolerance   (PPO rounds)
-            mean KL to the SFT reference <= kl_budget                      (PPO rounds)
+            mean KL to the lineage's fixed SFT reference <= kl_budget      (PPO rounds)
+            win rate against that reference, judged by the RM >= min_win_rate (PPO rounds)
             pretraining loss <= previous * (1 + ptx_tolerance)             (alignment tax)
             val demonstration loss <= previous * (1 + sft_tolerance)       (SFT rounds)
 
@@ -17,6 +18,7 @@ is skipped and reported as skipped, not failed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from trainer.config import GatesConfig
@@ -52,6 +54,29 @@ class RMEval:
 
 
 @dataclass(frozen=True)
+class WinRate:
+    """How often a policy's response beats the reference's on the same prompt (ties count
+    half), with a 95 % Wilson score interval over the ``n`` prompts."""
+
+    rate: float
+    low: float
+    high: float
+    n: int
+
+    @classmethod
+    def of(cls, outcomes: list[float], z: float = 1.96) -> WinRate:
+        """``outcomes``: 1 win, 0.5 tie, 0 loss per prompt."""
+        n = len(outcomes)
+        if n == 0:
+            return cls(0.5, 0.0, 1.0, 0)
+        p = sum(outcomes) / n
+        denom = 1 + z * z / n
+        center = (p + z * z / (2 * n)) / denom
+        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+        return cls(p, max(0.0, center - half), min(1.0, center + half), n)
+
+
+@dataclass(frozen=True)
 class PolicyEval:
     """A policy on held-out data; None where the data was missing."""
 
@@ -60,6 +85,7 @@ class PolicyEval:
     ptx_loss: float | None = None
     sft_loss: float | None = None
     prompts: int = 0
+    win: WinRate | None = None  # against the lineage's fixed SFT reference, judged by the RM
 
 
 def rm_gate(cfg: GatesConfig, candidate: RMEval, previous: RMEval | None) -> GateResult:
@@ -102,6 +128,13 @@ def policy_gate(
                         "kl", f"KL to reference {candidate.kl:.3f} > budget {cfg.kl_budget:.3f}"
                     )
                 )
+            win = candidate.win
+            if win is not None and win.rate < cfg.min_win_rate:
+                failures.append(GateFailure(
+                    "win_rate",
+                    f"win rate vs the SFT reference {win.rate:.3f} (95% CI {win.low:.3f}-"
+                    f"{win.high:.3f}, {win.n} prompts) < minimum {cfg.min_win_rate:.3f}",
+                ))  # fmt: skip
     if candidate.ptx_loss is None or prev.ptx_loss is None:
         skipped.append("ptx_loss")
     elif candidate.ptx_loss > prev.ptx_loss * (1 + cfg.ptx_tolerance):

@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from rlhf import bus, checkpoint
 from rlhf.config import parse_config
 from trainer import registry as registry_lib
+from trainer import state as state_lib
 from trainer.config import TrainerConfig
 from trainer.corpus import PretrainCorpus
 from trainer.data import Offsets, StreamReader, StreamTopics, TrainingData
@@ -89,6 +90,11 @@ def run(
     stale = checkpoint.remove_stale_staging(cfg.registry)
     if stale:
         log.info("removed %d unfinished checkpoint(s) left by a crash", len(stale))
+    orphans = state_lib.remove_orphans(
+        cfg.registry, set(checkpoint.list_versions(cfg.registry, POLICY))
+    )
+    if orphans:
+        log.info("removed the trainer state of %s: its policy was never published", orphans)
     resume = resume_offsets(cfg.registry)
     prom = registry if registry is not None else CollectorRegistry()
     metrics = TrainerMetrics(prom)

@@ -56,6 +56,13 @@ class TrainerMetrics:
             "Mean KL (nats per response) of the last evaluated policy to its SFT reference",
             registry=registry,
         )
+        self.win_rate = Gauge(
+            "rlhf_trainer_win_rate",
+            "Share of val prompts on which the last evaluated policy beat its lineage's SFT "
+            "reference (judged by the RM, ties half): the estimate and its 95% interval bounds",
+            ["bound"],
+            registry=registry,
+        )
         self.kl_beta = Gauge(
             "rlhf_trainer_kl_beta", "Current KL penalty coefficient beta", registry=registry
         )
@@ -146,3 +153,7 @@ class TrainerMetrics:
                 self.mean_reward.set(m["val_mean_reward"])
             if "val_kl" in m:
                 self.kl.set(m["val_kl"])
+            if "val_win_rate" in m:
+                self.win_rate.labels(bound="estimate").set(m["val_win_rate"])
+                self.win_rate.labels(bound="low").set(m["val_win_rate_low"])
+                self.win_rate.labels(bound="high").set(m["val_win_rate_high"])

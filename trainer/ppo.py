@@ -2,13 +2,16 @@
 
     rollout(policy, ref_policy, value_model, reward_model, tok, prompts, *, beta,
             max_new_tokens=32, max_prompt_tokens=64, temperature=1.0, gamma=1.0, lam=0.95,
-            whiten_advantages=True) -> Rollout
-        Samples one response per prompt from the current policy (temperature 1: the full
-        distribution, no top-k/top-p), then scores it: behaviour and reference log-probs,
-        values, the RM's normalised reward, the KL-penalised per-token rewards
-        r(x,y) at the last token - β·(log π - log π_SFT) at every token, and GAE.
+            whiten_advantages=True, missing_eos_penalty=0.0, generator=None) -> Rollout
+        Samples one response per prompt from the current policy (`sample`: exactly
+        softmax(logits / temperature), temperature 1 in the paper), then scores it: behaviour
+        and reference log-probs of that same distribution, values, the RM's normalised
+        reward, the KL-penalised per-token rewards r(x,y) - missing_eos_penalty (when cut by
+        the length limit) at the last token - β·(log π - log π_SFT) at every token, and GAE.
+    sample(policy, ids, mask, *, max_new_tokens, eos, temperature=1.0, generator=None)
+        The sampler: a KV-cached loop over plain forward passes, no generation_config.
     ppo_step(policy, value_model, optimizer, batch, *, ptx=None, gamma_ptx=0.0, clip=0.2,
-             value_clip=0.2, vf_coef=0.5, max_grad_norm=1.0) -> PPOStats
+             value_clip=0.2, vf_coef=0.5, max_grad_norm=1.0, temperature=1.0) -> PPOStats
         One optimizer step on a minibatch of a Rollout (`Rollout.minibatches`): the clipped
         surrogate + vf_coef·clipped value loss in one backward pass, then gamma_ptx·LM loss on
         `ptx` = (input_ids, attention_mask) in a second backward pass accumulated into the same
@@ -107,9 +110,12 @@ def value_model_from_rm(rm: RewardModel) -> RewardModel:
     return value
 
 
-def _logprobs(model: PreTrainedModel, ids: Tensor, mask: Tensor) -> Tensor:
+def _logprobs(
+    model: PreTrainedModel, ids: Tensor, mask: Tensor, temperature: float = 1.0
+) -> Tensor:
     with models.autocast(ids.device):
-        return losses.token_logprobs(model(input_ids=ids, attention_mask=mask).logits, ids)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    return losses.token_logprobs(logits / temperature if temperature != 1.0 else logits, ids)
 
 
 def _values(value_model: RewardModel, ids: Tensor, mask: Tensor) -> Tensor:
@@ -117,11 +123,61 @@ def _values(value_model: RewardModel, ids: Tensor, mask: Tensor) -> Tensor:
         return value_model.per_token(ids, mask)[:, :-1] + value_model.bias
 
 
+@torch.no_grad()
+def sample(
+    policy: PreTrainedModel,
+    ids: Tensor,
+    mask: Tensor,
+    *,
+    max_new_tokens: int,
+    eos: set[int],
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> list[tuple[list[int], bool]]:
+    """Samples a response per left-padded prompt from softmax(logits / temperature), exactly.
+
+    Nothing else touches the distribution: no top-k/top-p, and none of the processors a
+    model's ``generation_config`` would add to ``generate`` (repetition penalty, suppressed
+    tokens, a minimum length...), so PPO's ratio starts from the very distribution the tokens
+    were drawn from. Returns each response's tokens (up to and including the first EOS) and
+    whether it ended with EOS (False: cut by ``max_new_tokens``).
+    """
+    device = policy.device
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
+    eos_ids = torch.tensor(sorted(eos), device=device)
+    tokens: list[Tensor] = []
+    past = None
+    step_ids, step_pos = ids, positions
+    for _ in range(max_new_tokens):
+        with models.autocast(device):
+            out = policy(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
+                         past_key_values=past, use_cache=True)  # fmt: skip
+        past = out.past_key_values
+        probs = torch.softmax(out.logits[:, -1].float() / temperature, dim=-1)
+        token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        tokens.append(torch.where(done, torch.zeros_like(token), token))
+        done = done | torch.isin(token, eos_ids)
+        if bool(done.all()):
+            break
+        step_ids, step_pos = token[:, None], step_pos[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    rows = torch.stack(tokens, dim=1).tolist() if tokens else [[] for _ in range(ids.shape[0])]
+    return [_cut_at_eos(row, eos) for row in rows]
+
+
 def _cut_at_eos(tokens: Sequence[int], eos: set[int]) -> tuple[list[int], bool]:
     for i, t in enumerate(tokens):
         if t in eos:
             return list(tokens[: i + 1]), True
     return list(tokens), False
+
+
+def eos_ids(policy: PreTrainedModel, tok: PreTrainedTokenizerBase) -> set[int]:
+    """The tokens that end a response: the tokenizer's EOS and the model's own."""
+    eos = {tok.eos_token_id}
+    return eos | set(torch.tensor(policy.generation_config.eos_token_id or []).view(-1).tolist())
 
 
 @torch.no_grad()
@@ -140,33 +196,28 @@ def rollout(
     gamma: float = 1.0,
     lam: float = 0.95,
     whiten_advantages: bool = True,
+    missing_eos_penalty: float = 0.0,
+    generator: torch.Generator | None = None,
 ) -> Rollout:
     device = policy.device
     ids, mask = models.encode_prompts(tok, prompts, max_prompt_tokens)
-    eos = {tok.eos_token_id}
-    eos |= set(torch.tensor(policy.generation_config.eos_token_id or []).view(-1).tolist())
-    with models.autocast(device):
-        out = policy.generate(  # type: ignore[operator]
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            do_sample=True,
-            temperature=temperature,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=tok.pad_token_id,
-        )
-    cut = [_cut_at_eos(row, eos) for row in out[:, ids.shape[1] :].tolist()]
+    cut = sample(policy, ids, mask, max_new_tokens=max_new_tokens, eos=eos_ids(policy, tok),
+                 temperature=temperature, generator=generator)  # fmt: skip
     prompt_ids = [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
     batch = models.join_pairs(prompt_ids, [c[0] for c in cut], tok.pad_token_id).to(device)
     ids, mask, action_mask = batch.input_ids, batch.attention_mask, batch.response_mask[:, 1:]
+    ended = torch.tensor([c[1] for c in cut], device=device)
 
-    logp = _logprobs(policy, ids, mask)
-    ref_logp = _logprobs(ref_policy, ids, mask)
+    # Log-probs of the distribution the tokens were sampled from (the same temperature), for
+    # the policy and the reference alike: the KL penalty compares like with like.
+    logp = _logprobs(policy, ids, mask, temperature)
+    ref_logp = _logprobs(ref_policy, ids, mask, temperature)
     values = _values(value_model, ids, mask) * action_mask
     with models.autocast(device):
         rm_score = reward_model(ids, mask).float()
-    rewards = losses.kl_penalized_rewards(rm_score, logp, ref_logp, action_mask, beta)
+    # A response cut by the length limit has no EOS, unlike everything the RM learnt from.
+    score = rm_score - missing_eos_penalty * (~ended).float()
+    rewards = losses.kl_penalized_rewards(score, logp, ref_logp, action_mask, beta)
     advantages, returns = losses.gae(rewards, values, action_mask, gamma, lam)
     if whiten_advantages:
         advantages = losses.whiten(advantages, action_mask)
@@ -183,7 +234,7 @@ def rollout(
         rewards=rewards,
         advantages=advantages,
         returns=returns,
-        ended=torch.tensor([c[1] for c in cut], device=device),
+        ended=ended,
     )
 
 
@@ -199,6 +250,7 @@ def ppo_step(
     value_clip: float = 0.2,
     vf_coef: float = 0.5,
     max_grad_norm: float | None = 1.0,
+    temperature: float = 1.0,
 ) -> PPOStats:
     device = policy.device
     ids, mask, am = batch.input_ids, batch.attention_mask, batch.action_mask
@@ -207,6 +259,8 @@ def ppo_step(
     # Pass 1: clipped surrogate + clipped value loss on the rollout minibatch.
     with models.autocast(device):
         logits = policy(input_ids=ids, attention_mask=mask).logits
+    if temperature != 1.0:
+        logits = logits / temperature  # the distribution the rollout sampled from
     logp = losses.token_logprobs(logits, ids)
     with torch.no_grad():
         entropy = losses.masked_mean(losses.entropy_from_logits(logits[:, :-1]), am)

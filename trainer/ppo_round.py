@@ -1,14 +1,19 @@
 """A PPO-ptx round: the latest policy optimised against the latest RM (PAPER.md, step 3).
 
-Each iteration samples ``ppo.episodes`` prompts from the train pool, rolls them out (scored
-by the RM, KL-penalised against the reference policy), then takes PPO-ptx steps over
-minibatches. Gates: val reward may not drop, KL to the reference stays under the budget,
+The round continues its lineage (``trainer.registry``): the KL penalty, the KL gate and the
+win rate measure against the lineage's fixed SFT reference, and the trainer state the last
+round left beside its checkpoint (raw weights, value network, AdamW, warm-up, β;
+``trainer.state``) is where this one starts. Each iteration samples ``ppo.episodes`` prompts
+from the train pool, rolls them out (scored by the RM, KL-penalised against the reference),
+then takes PPO-ptx steps over minibatches. Gates: val reward may not drop, KL to the
+reference stays under the budget, the win rate against the reference reaches its minimum,
 the pretraining loss may not regress (``trainer.gates``).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import random
 from collections.abc import Sequence
@@ -17,8 +22,10 @@ from pathlib import Path
 import torch
 
 from rlhf import models
-from trainer import losses, ppo
+from trainer import evaluate, losses, ppo
 from trainer import registry as registry_lib
+from trainer import state as state_lib
+from trainer.config import PPOConfig
 from trainer.gates import GateResult, policy_gate
 from trainer.registry import POLICY
 from trainer.round import Candidate, RoundContext, optimizer, prefixed
@@ -35,29 +42,58 @@ _TRAIN_STATS = (
 )
 
 
+def kl_controller(c: PPOConfig, beta: float | None = None) -> KLController:
+    """β from the config, or carried over (``beta``) when the controller adapts it."""
+    if c.adaptive_kl:
+        return losses.AdaptiveKLController(beta or c.beta, c.kl_target, c.kl_horizon)
+    return losses.FixedKLController(c.beta)
+
+
 def run_ppo_round(
-    ctx: RoundContext, pool: Sequence[str], *, val_prompts: Sequence[str], kl_ctl: KLController
+    ctx: RoundContext, pool: Sequence[str], *, val_prompts: Sequence[str]
 ) -> Candidate:
-    """``pool``: train prompts to roll out on; ``kl_ctl`` is updated after every iteration."""
+    """``pool``: train prompts to roll out on; ``val_prompts``: what the gates evaluate on."""
     cfg, c = ctx.cfg, ctx.cfg.ppo
-    policy, tok = models.load_policy(
-        registry_lib.policy_dir(cfg.registry, cfg.base_model), ctx.device
-    )
-    reference, _ = models.load_policy(
-        registry_lib.reference_dir(cfg.registry, cfg.base_model), ctx.device
-    )
+    start = registry_lib.policy_dir(cfg.registry, cfg.base_model)
+    reference_path = registry_lib.reference_of(cfg.registry, start, cfg.base_model)
+    in_registry = start.parent == cfg.registry / POLICY
+    saved = state_lib.load(cfg.registry, start.name) if in_registry else None
+    # The published weights are the EMA when one is kept; training continues the raw ones.
+    raw = saved.raw_policy if saved is not None and saved.raw_policy is not None else start
+    policy, tok = models.load_policy(raw, ctx.device)
+    reference, _ = models.load_policy(reference_path, ctx.device)
     rm, _ = registry_lib.load_rm(cfg.registry, cfg.base_model, ctx.device)
     reference.requires_grad_(False)
     rm.requires_grad_(False)
+    # The version published last: what the gates compare with (the EMA, when one is kept).
+    previous = policy if raw == start else models.load_policy(start, ctx.device)[0]
     with ctx.phase("evaluation"):
-        before = ctx.policy_eval(policy, reference, rm, tok, prompts=val_prompts, demos=[])
-    value = ppo.value_model_from_rm(rm)
-    ema = copy.deepcopy(policy) if c.ema_decay > 0 else None
+        ref_eval, ref_samples = ctx.policy_eval(
+            reference, reference, rm, tok, prompts=val_prompts, demos=[]
+        )
+        before, _ = ctx.policy_eval(previous, reference, rm, tok, prompts=val_prompts, demos=[])
+    ema = None
+    if c.ema_decay > 0:
+        ema = previous if previous is not policy else copy.deepcopy(policy)
+    if saved is not None:
+        value = models.load_reward_model(saved.value, ctx.device)[0].requires_grad_(True)
+    else:
+        value = ppo.value_model_from_rm(rm)
     opt = optimizer([*policy.parameters(), *value.parameters()], c.lr, c.adam_betas)
+    steps_before = 0
+    if saved is not None:
+        opt.load_state_dict(torch.load(saved.optimizer, map_location=ctx.device))
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] = c.lr  # the configured LR, not the saved one
+        steps_before = saved.steps
+    kl_ctl = kl_controller(c, saved.beta if saved is not None else None)
     warmup = max(1, c.warmup_iters)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
-    rng = random.Random(f"{cfg.seed}:ppo:{ctx.round_index}:{len(pool)}")
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: min(1.0, (steps_before + step + 1) / warmup)
+    )
+    rng = random.Random(f"{cfg.seed}:ppo:{ctx.round_index}:{len(pool)}:{steps_before}")
     generator = torch.Generator().manual_seed(rng.randrange(2**31))
+    sampler = torch.Generator(ctx.device).manual_seed(rng.randrange(2**31))
     steps_per_iter = c.inner_epochs * math.ceil(c.episodes / c.minibatch_size)
     sums = dict.fromkeys(_TRAIN_STATS, 0.0)
     n_steps = 0
@@ -68,7 +104,8 @@ def run_ppo_round(
             with ctx.phase("generation"):
                 ro = ppo.rollout(policy, reference, value, rm, tok, prompts, beta=kl_ctl.value,
                                  max_new_tokens=c.max_new_tokens, max_prompt_tokens=c.max_prompt_len,
-                                 temperature=c.temperature, gamma=c.gae_gamma, lam=c.gae_lambda)  # fmt: skip
+                                 temperature=c.temperature, gamma=c.gae_gamma, lam=c.gae_lambda,
+                                 missing_eos_penalty=c.missing_eos_penalty, generator=sampler)  # fmt: skip
             with ctx.phase("training"):
                 for _ in range(c.inner_epochs):
                     for mb in ro.minibatches(c.minibatch_size, generator):
@@ -78,7 +115,8 @@ def run_ppo_round(
                             texts = ctx.corpus.sample(c.ptx_ratio * len(mb), rng)
                             ptx = models.encode_texts(tok, texts, c.ptx_seq_len)
                         stats = ppo.ppo_step(policy, value, opt, mb, ptx=ptx, gamma_ptx=c.gamma_ptx,
-                                             clip=c.clip, value_clip=c.value_clip, vf_coef=c.vf_coef)  # fmt: skip
+                                             clip=c.clip, value_clip=c.value_clip, vf_coef=c.vf_coef,
+                                             temperature=c.temperature)  # fmt: skip
                         schedule.step()
                         if ema is not None:
                             ppo.ema_update(ema, policy, c.ema_decay)
@@ -90,15 +128,45 @@ def run_ppo_round(
     published = ema if ema is not None else policy
     published.eval()
     with ctx.phase("evaluation"):
-        after = ctx.policy_eval(published, reference, rm, tok, prompts=val_prompts, demos=[])
+        after, samples = ctx.policy_eval(
+            published, reference, rm, tok, prompts=val_prompts, demos=[]
+        )
+    if samples is not None and ref_samples is not None:
+        after = dataclasses.replace(
+            after, win=evaluate.win_rate(samples.rewards, ref_samples.rewards)
+        )
     metrics = {f"train_{k}": v / max(1, n_steps) for k, v in sums.items()}
     metrics |= prefixed("val_", after)
+    if ref_eval.mean_reward is not None:
+        metrics["reference_mean_reward"] = ref_eval.mean_reward
     metrics["beta"] = float(kl_ctl.value)
     metrics["episodes"] = float(c.iterations * c.episodes)
+    metrics["lineage_steps"] = float(steps_before + n_steps)
     gate = policy_gate(cfg.gates, "ppo", after, before) if cfg.gates.enabled else GateResult()
+    reference_name = registry_lib.reference_name(cfg.registry, reference_path)
 
     def save(out: Path) -> None:
         published.save_pretrained(out)
         tok.save_pretrained(out)
 
-    return Candidate(POLICY, save, metrics, gate, (), "prompts")
+    def save_state(out: Path) -> None:
+        if ema is not None:
+            policy.save_pretrained(out / state_lib.POLICY_DIR)
+            tok.save_pretrained(out / state_lib.POLICY_DIR)
+        value.save(out / state_lib.VALUE_DIR, tok)
+        torch.save(opt.state_dict(), out / state_lib.OPTIMIZER_FILE)
+        state_lib.write_info(
+            out, reference=reference_name, beta=kl_ctl.value, steps=steps_before + n_steps
+        )
+
+    return Candidate(
+        POLICY,
+        save,
+        metrics,
+        gate,
+        (),
+        "prompts",
+        parent=start.name if in_registry else None,
+        reference=reference_name,
+        save_state=save_state,
+    )

@@ -1,10 +1,18 @@
 """Which published models a round starts from, and the model event that announces a version.
 
-SFT and PPO-ptx continue the latest policy. PPO's KL reference is the latest policy an SFT
-round published (the base model before that). RM rounds continue the latest trained reward
-model; the first one starts from the SFT policy's trunk (the paper) or else the initial RM.
-Initial models are the registry's "init" versions (``rlhf model seed``) or the output of
-``rlhf model init`` in ``base_model`` (``<base>/policy``, ``<base>/reward``).
+Lineages. PPO's KL penalty and gate measure against a *fixed* reference (PAPER.md: the SFT
+model), so drift is bounded from where the lineage started, not from the last round:
+
+* an SFT (or initial, ``rlhf model seed``) policy starts a lineage and is its own reference;
+* a PPO-ptx round continues the latest policy and keeps its lineage's reference;
+* an SFT round continues the latest lineage's *reference*, never a PPO output (fine-tuning a
+  PPO policy on demonstrations and calling it the new reference would let drift accumulate
+  unbounded); its output starts a new lineage on purpose.
+
+Every manifest names its lineage's reference (``Manifest.reference``). RM rounds continue
+the latest trained reward model; the first one starts from the reference policy's trunk
+(the paper) or else the initial RM. Initial models are the registry's "init" versions or the
+output of ``rlhf model init`` in ``base_model`` (``<base>/policy``, ``<base>/reward``).
 """
 
 from __future__ import annotations
@@ -23,17 +31,41 @@ _EVENTS = uuid.UUID("3c1f6b1e-94a2-4a53-8f51-0d6f8a7e2c40")
 
 
 def policy_dir(registry: Path, base: Path) -> Path:
+    """The latest policy: where PPO-ptx rounds continue from."""
     return checkpoint.latest(registry, POLICY) or base / POLICY
 
 
-def reference_dir(registry: Path, base: Path) -> Path:
-    """The frozen reference of PPO's KL penalty: the latest policy an SFT round published, or
-    the initial policy (``rlhf model seed``'s "init" version, else the base model)."""
-    for version in reversed(checkpoint.list_versions(registry, POLICY)):
+def reference_of(registry: Path, policy: Path, base: Path) -> Path:
+    """The fixed KL reference of ``policy``'s lineage (a registry version or a base model)."""
+    if not (policy / checkpoint.MANIFEST).is_file():
+        return policy  # a base model outside the registry starts its own lineage
+    manifest = checkpoint.read_manifest(policy)
+    if manifest.round_type in ("sft", "init"):
+        return policy
+    if manifest.reference:
+        named = registry / POLICY / manifest.reference
+        return named if named.is_dir() else Path(manifest.reference)
+    # A manifest from before references were recorded: the SFT (or init) policy it descends from.
+    versions = checkpoint.list_versions(registry, POLICY)
+    older = versions[: versions.index(manifest.version)] if manifest.version in versions else []
+    for version in reversed(older):
         path = registry / POLICY / version
         if checkpoint.read_manifest(path).round_type in ("sft", "init"):
             return path
     return base / POLICY
+
+
+def reference_dir(registry: Path, base: Path) -> Path:
+    """The reference of the latest lineage: where SFT rounds continue from, what PPO's KL
+    penalty, the KL gate and the win rate measure against."""
+    return reference_of(registry, policy_dir(registry, base), base)
+
+
+def reference_name(registry: Path, reference: Path) -> str:
+    """How a manifest names a reference: its version, or the path of a base model."""
+    if reference.parent == registry / POLICY:
+        return reference.name
+    return str(reference.resolve())
 
 
 def trained_rm(registry: Path) -> Path | None:
@@ -52,7 +84,9 @@ def load_rm(registry: Path, base: Path, device: str) -> tuple[models.RewardModel
     if trained is not None:
         return models.load_reward_model(trained, device)
     reference = reference_dir(registry, base)
-    if reference != base / POLICY and checkpoint.read_manifest(reference).round_type == "sft":
+    if (reference / checkpoint.MANIFEST).is_file() and checkpoint.read_manifest(
+        reference
+    ).round_type == "sft":
         return models.reward_model_from_policy(reference, device)
     initial = checkpoint.latest(registry, REWARD) or base / REWARD
     return models.load_reward_model(initial, device)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from rlhf import checkpoint
 from trainer import evaluate
 from trainer import registry as registry_lib
 from trainer import rm as rm_steps
@@ -87,6 +88,16 @@ def run_rm_round(
     def save(out: Path) -> None:
         rm.save(out, tok)
 
+    previous = checkpoint.latest(cfg.registry, REWARD)
+    reference = registry_lib.reference_dir(cfg.registry, cfg.base_model)
     return Candidate(
-        REWARD, save, metrics, gate, tuple(x.event_id for x in comparisons), "comparisons"
+        REWARD,
+        save,
+        metrics,
+        gate,
+        tuple(x.event_id for x in comparisons),
+        "comparisons",
+        parent=previous.name if previous else None,
+        # The policy lineage it was trained beside (its first version starts from that trunk).
+        reference=registry_lib.reference_name(cfg.registry, reference),
     )

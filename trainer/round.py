@@ -44,6 +44,11 @@ class Candidate:
     gate: GateResult
     trained_ids: tuple[str, ...]  # event ids of the pending records it trained on
     kind: str  # the data kind it consumed: demonstrations | comparisons | prompts
+    parent: str | None  # the version it was trained from (None: a base model)
+    reference: str | None  # its lineage's KL reference; None: it starts a lineage itself
+    # Writes the trainer state that the next round of its lineage continues from
+    # (``trainer.state``); None when the round type carries none.
+    save_state: Callable[[Path], None] | None = None
 
 
 @dataclass
@@ -87,10 +92,11 @@ class RoundContext:
         *,
         prompts: Sequence[str],
         demos: Sequence[Demonstration],
-    ) -> PolicyEval:
-        """The policy on held-out data: the numbers the policy gate compares."""
+    ) -> tuple[PolicyEval, evaluate.Samples | None]:
+        """The policy on held-out data: the numbers the policy gate compares, and the samples
+        (when an RM scored them) for the win rate."""
         g, p = self.cfg.gates, self.cfg.ppo
-        result, _ = evaluate.policy_eval(
+        return evaluate.policy_eval(
             policy,
             reference,
             rm,
@@ -104,7 +110,6 @@ class RoundContext:
             ptx_tokens=p.ptx_seq_len,
             seed=self.cfg.seed,
         )
-        return result
 
 
 def optimizer(
@@ -141,4 +146,10 @@ def prefixed(prefix: str, ev: PolicyEval) -> dict[str, float]:
         "ptx_loss": ev.ptx_loss,
         "sft_loss": ev.sft_loss,
     }
+    if ev.win is not None:
+        values |= {
+            "win_rate": ev.win.rate,
+            "win_rate_low": ev.win.low,
+            "win_rate_high": ev.win.high,
+        }
     return {prefix + k: float(v) for k, v in values.items() if v is not None}

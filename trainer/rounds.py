@@ -38,8 +38,8 @@ from pathlib import Path
 from kafka.errors import KafkaError
 
 from rlhf import bus, checkpoint
-from trainer import losses
 from trainer import registry as registry_lib
+from trainer import state as state_lib
 from trainer.config import TrainerConfig
 from trainer.corpus import PretrainCorpus
 from trainer.data import StreamReader, StreamTopics
@@ -93,11 +93,6 @@ class Trainer:
         self._announced: set[str] = set()
         # Round type -> how much new data it had when it last failed a gate.
         self._held: dict[str, int] = {}
-        self._kl_ctl: losses.FixedKLController | losses.AdaptiveKLController = (
-            losses.AdaptiveKLController(cfg.ppo.beta, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
-            if cfg.ppo.adaptive_kl
-            else losses.FixedKLController(cfg.ppo.beta)
-        )
 
     # ------------------------------------------------------------------ registry
 
@@ -245,15 +240,22 @@ class Trainer:
         if ctx.round_type == "ppo":
             val = [p.prompt for p in list(data.prompts["val"])[-self.cfg.gates.eval_prompts :]]
             pool = [p.prompt for p in data.prompts["train"]]
-            return run_ppo_round(ctx, pool, val_prompts=val, kl_ctl=self._kl_ctl)
+            return run_ppo_round(ctx, pool, val_prompts=val)
         raise ValueError(f"unknown round type {ctx.round_type!r}")
 
     # ------------------------------------------------------------------ publish protocol
 
     def _publish(self, round_type: str, candidate: Candidate) -> str:
-        """Checkpoint, then model event, then commit: the order that makes restarts exact."""
+        """Trainer state, checkpoint, then model event, then commit: the order that makes
+        restarts exact. The state goes first under the name the checkpoint will get, so a
+        published policy always has its state; a crash in between leaves an orphan state
+        that the next start deletes."""
         offsets = self.reader.resume_offsets(candidate.trained_ids)
-        parent = checkpoint.latest(self.registry, candidate.role)
+        version = checkpoint.next_version(self.registry, candidate.role)
+        if candidate.save_state is not None:
+            with checkpoint.staging(self.registry) as tmp:
+                candidate.save_state(tmp)
+                state_lib.publish(self.registry, tmp, version, round_type)
         with checkpoint.staging(self.registry) as tmp:
             candidate.save(tmp)
             manifest = checkpoint.publish(
@@ -261,10 +263,14 @@ class Trainer:
                 candidate.role,
                 tmp,
                 round_type=round_type,
-                parent=parent.name if parent else None,
+                parent=candidate.parent,
                 metrics=candidate.metrics,
                 offsets=offsets,
+                version=version,
+                reference=candidate.reference or version,
             )
+        if candidate.role == POLICY:
+            state_lib.prune(self.registry, keep=version)
         # From here on the records are in a published model: never train them again, even if
         # the event or the commit below fails (they are retried before the next round).
         self.data.mark_trained(candidate.kind, candidate.trained_ids)

@@ -1,6 +1,9 @@
-"""An SFT round: the latest policy fine-tuned on the pending train demonstrations.
+"""An SFT round: the latest SFT model fine-tuned on the pending train demonstrations.
 
-Gate: val demonstration loss and the pretraining loss may not regress (``trainer.gates``).
+It continues the latest lineage's reference (the SFT or initial policy), never a PPO-ptx
+output, and its output starts a new lineage: it is its own KL reference, and PPO-ptx rounds
+continue from it (``trainer.registry``). Gate: val demonstration loss and the pretraining
+loss may not regress against the model it started from (``trainer.gates``).
 """
 
 from __future__ import annotations
@@ -25,11 +28,10 @@ def run_sft_round(
     ctx: RoundContext, demos: Sequence[Demonstration], val_demos: Sequence[Demonstration]
 ) -> Candidate:
     cfg, c = ctx.cfg, ctx.cfg.sft
-    policy, tok = models.load_policy(
-        registry_lib.policy_dir(cfg.registry, cfg.base_model), ctx.device
-    )
+    start = registry_lib.reference_dir(cfg.registry, cfg.base_model)
+    policy, tok = models.load_policy(start, ctx.device)
     with ctx.phase("evaluation"):
-        before = ctx.policy_eval(policy, policy, None, tok, prompts=[], demos=val_demos)
+        before, _ = ctx.policy_eval(policy, policy, None, tok, prompts=[], demos=val_demos)
     steps = c.epochs * math.ceil(len(demos) / c.batch_size)
     opt = optimizer(policy.parameters(), c.lr, c.adam_betas, c.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(steps, c.lr_final_ratio))
@@ -56,7 +58,7 @@ def run_sft_round(
                 total += stats.loss
                 bar.update()
     with ctx.phase("evaluation"):
-        after = ctx.policy_eval(policy, policy, None, tok, prompts=[], demos=val_demos)
+        after, _ = ctx.policy_eval(policy, policy, None, tok, prompts=[], demos=val_demos)
     metrics = {"sft_loss": total / max(1, steps), "examples": float(len(demos))}
     metrics |= prefixed("val_", after)
     gate = policy_gate(cfg.gates, "sft", after, before) if cfg.gates.enabled else GateResult()
@@ -65,6 +67,14 @@ def run_sft_round(
         policy.save_pretrained(out)
         tok.save_pretrained(out)
 
+    in_registry = start.parent == cfg.registry / POLICY
     return Candidate(
-        POLICY, save, metrics, gate, tuple(d.event_id for d in demos), "demonstrations"
+        POLICY,
+        save,
+        metrics,
+        gate,
+        tuple(d.event_id for d in demos),
+        "demonstrations",
+        parent=start.name if in_registry else None,
+        reference=None,  # a new lineage: its own reference
     )
