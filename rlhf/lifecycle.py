@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,11 +44,19 @@ class VersionInfo:
     parent: str = ""
     created_at_ms: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    round_type: str = ""
 
 
 @dataclass
 class ModelState:
-    """The serving state of one role. Mutated only by ``apply``."""
+    """The serving state of one role. Mutated only by ``apply``.
+
+    A version some server REJECTED (it failed verification or warm-up) is never routed to:
+    promotion falls back to the newest earlier promoted version that was not rejected, and a
+    rejected pin or canary is ignored. Checkpoints are immutable, so a rejection is final; to
+    retry, publish the model again as a new version. The methods taking ``excluded`` also
+    skip versions a caller knows to be unusable without an event (the pool's own failures).
+    """
 
     role: int
     versions: dict[str, VersionInfo] = field(default_factory=dict)
@@ -59,14 +67,34 @@ class ModelState:
     canary_share: float = 0.0
     rejected: dict[str, str] = field(default_factory=dict)
 
+    def usable(self, version: str | None, excluded: Collection[str] = ()) -> bool:
+        return (
+            version is not None
+            and version in self.versions
+            and version not in self.rejected
+            and version not in excluded
+        )
+
+    def promoted_version(self, excluded: Collection[str] = ()) -> str | None:
+        """The newest promoted version that is usable."""
+        for version in reversed(self.promoted_history):
+            if self.usable(version, excluded):
+                return version
+        return None
+
+    def serving_version(self, excluded: Collection[str] = ()) -> str | None:
+        """The version a request with no canary luck goes to."""
+        if self.usable(self.pinned, excluded):
+            return self.pinned
+        return self.promoted_version(excluded)
+
     @property
     def promoted(self) -> str | None:
-        return self.promoted_history[-1] if self.promoted_history else None
+        return self.promoted_version()
 
     @property
     def serving(self) -> str | None:
-        """The version a request with no canary luck goes to."""
-        return self.pinned or self.promoted
+        return self.serving_version()
 
     def apply(self, event: events_pb2.ModelEvent) -> bool:
         """Folds one event in; returns whether the state changed. Unknown versions are ignored
@@ -78,12 +106,14 @@ class ModelState:
             if v in self.versions:
                 return False
             self.versions[v] = VersionInfo(
-                v, event.path, event.parent_version, event.created_at_ms, dict(event.metrics)
-            )
+                v, event.path, event.parent_version, event.created_at_ms, dict(event.metrics),
+                event.round_type,
+            )  # fmt: skip
             return True
         if event.kind == Kind.MODEL_EVENT_KIND_REJECTED:
-            self.rejected[v] = event.reason
-            return False
+            changed = v not in self.rejected
+            self.rejected.setdefault(v, event.reason)
+            return changed
         if event.kind == Kind.MODEL_EVENT_KIND_UNPINNED:
             changed = self.pinned is not None
             self.pinned = None
@@ -92,7 +122,7 @@ class ModelState:
             log.warning("ignoring %s of unknown version %r", Kind.Name(event.kind), v)
             return False
         if event.kind == Kind.MODEL_EVENT_KIND_PROMOTED:
-            if self.promoted == v:
+            if self.promoted_history and self.promoted_history[-1] == v:
                 return False
             self.promoted_history.append(v)
             if self.canary == v:
@@ -115,19 +145,33 @@ class ModelState:
         return False
 
     def previous_promoted(self) -> str | None:
-        return self.promoted_history[-2] if len(self.promoted_history) > 1 else None
+        """The usable promoted version before the current one (what a rollback goes to)."""
+        current = self.promoted
+        if current is None:
+            return None
+        index = len(self.promoted_history) - 1 - self.promoted_history[::-1].index(current)
+        for version in reversed(self.promoted_history[:index]):
+            if version != current and self.usable(version):
+                return version
+        return None
 
-    def route(self, user_id: str) -> str | None:
+    def route(self, user_id: str, excluded: Collection[str] = ()) -> str | None:
         """The version for a new request from ``user_id`` (sticky for the canary)."""
-        if self.pinned:
+        if self.usable(self.pinned, excluded):
             return self.pinned
-        if self.canary and self.canary_share > 0 and user_bucket(user_id) < self.canary_share:
+        if (
+            self.usable(self.canary, excluded)
+            and self.canary_share > 0
+            and user_bucket(user_id) < self.canary_share
+        ):
             return self.canary
-        return self.promoted
+        return self.promoted_version(excluded)
 
-    def wanted(self) -> set[str]:
+    def wanted(self, excluded: Collection[str] = ()) -> set[str]:
         """Versions that should be resident: what new requests can be routed to."""
-        return {v for v in (self.pinned, self.promoted, self.canary) if v}
+        pinned = self.pinned if self.usable(self.pinned, excluded) else None
+        canary = self.canary if self.usable(self.canary, excluded) else None
+        return {v for v in (pinned, self.promoted_version(excluded), canary) if v}
 
 
 def user_bucket(user_id: str) -> float:
@@ -147,6 +191,7 @@ def model_event(
     canary_share: float = 0.0,
     reason: str = "",
     actor: str = "",
+    round_type: str = "",
 ) -> events_pb2.ModelEvent:
     return events_pb2.ModelEvent(
         event_id=uuid.uuid4().hex,
@@ -160,6 +205,7 @@ def model_event(
         canary_share=canary_share,
         reason=reason,
         actor=actor,
+        round_type=round_type,
     )
 
 
@@ -172,6 +218,7 @@ def published_events(
         model_event(
             Kind.MODEL_EVENT_KIND_PUBLISHED, role, manifest.version, path=str(path),
             parent=manifest.parent or "", metrics=manifest.metrics, actor=actor,
+            round_type=manifest.round_type,
         )
     ]  # fmt: skip
     if auto_promote:
@@ -238,6 +285,11 @@ class ModelFollower:
         self._auto_promote = auto_promote_from_registry
         self._stop = threading.Event()
         self._applied: set[str] = set()
+        # While replaying history nobody is told about intermediate states: a restarted
+        # server must load the final state's versions, not every version ever promoted.
+        self._replaying = False
+        # Registry versions that failed verification, with why (checkpoints are immutable).
+        self._unusable: dict[str, str] = {}
         self._consumer: bus.Consumer | None = None
         if bootstrap_servers:
             # A group of its own: every replica reads the whole history.
@@ -252,8 +304,14 @@ class ModelFollower:
         """Replays the models topic up to its end (bounded), adopts unannounced registry
         versions, then follows in the background."""
         if self._consumer is not None:
-            self._catch_up(catch_up_timeout_s)
+            self._replaying = True
+            try:
+                self._catch_up(catch_up_timeout_s)
+            finally:
+                self._replaying = False
         self.sync_registry(grace_s=0.0)
+        for state in self.states.values():
+            self._on_change(state)
         self._thread.start()
 
     def stop(self) -> None:
@@ -291,7 +349,7 @@ class ModelFollower:
             self._applied.add(event.event_id)
             changed = state.apply(event)
             self._changed.notify_all()
-        if changed:
+        if changed and not self._replaying:
             self._on_change(state)
 
     def wait_for(self, event_id: str, timeout_s: float) -> bool:
@@ -307,28 +365,44 @@ class ModelFollower:
         now_ms = time.time() * 1000
         for role, state in self.states.items():
             role_name = ROLE_NAMES[role]
-            unseen = [
+            on_disk = [
                 v for v in checkpoint.list_versions(self._registry_dir, role_name)
-                if v not in state.versions
+                if v not in state.rejected and v not in self._unusable
             ]  # fmt: skip
+            unseen = [v for v in on_disk if v not in state.versions]
+            adoptable = []
             for version in unseen:
                 path = self._registry_dir / role_name / version
                 try:
                     manifest = checkpoint.read_manifest(path)
                 except checkpoint.CheckpointError as exc:
-                    log.warning("registry version %s unreadable: %s", version, exc)
+                    self._mark_unusable(version, str(exc))
                     continue
                 if now_ms - manifest.created_at_ms < grace_ms:
                     continue  # its PUBLISHED event is probably on its way
+                try:
+                    # No event vouches for it: only a version whose files check out is adopted.
+                    checkpoint.verify(path)
+                except checkpoint.CheckpointError as exc:
+                    self._mark_unusable(version, str(exc))
+                    continue
+                adoptable.append((version, manifest, path))
+            for version, manifest, path in adoptable:
                 if state.versions:
                     log.warning(
                         "adopting %s from the registry: no model event announced it", version
                     )
-                promote = self._auto_promote and version == unseen[-1]
+                # Only the newest version on disk, so adopting never moves serving backwards.
+                newest = [v for v in on_disk if v not in self._unusable][-1]
+                promote = self._auto_promote and version == adoptable[-1][0] == newest
                 for event in published_events(
                     manifest, path, auto_promote=promote, actor="registry"
                 ):
                     self.apply(event)
+
+    def _mark_unusable(self, version: str, reason: str) -> None:
+        self._unusable[version] = reason
+        log.error("registry version %s is not adopted: %s", version, reason)
 
     def _run(self) -> None:
         next_scan = time.monotonic() + self._poll_registry_s

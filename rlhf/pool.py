@@ -105,10 +105,15 @@ class ModelPool(Generic[M]):
         component: str,
         on_reject: Callable[[str, str], None] = lambda _v, _why: None,
         on_resident: Callable[[str], None] = lambda _v: None,
+        on_serving: Callable[[bool], None] = lambda _ok: None,
         require_manifest: bool = True,
     ) -> None:
+        """``on_serving(ok)`` runs whenever whether some version can take requests changes
+        (health: nothing resident is NOT_SERVING)."""
         self._load = load
         self._on_resident = on_resident
+        self._on_serving = on_serving
+        self._reported_serving: bool | None = None
         self._require_manifest = require_manifest
         self._warm_up = warm_up
         self._release = release
@@ -117,6 +122,7 @@ class ModelPool(Generic[M]):
         self._lock = threading.Condition()
         self._slots: dict[str, _Slot[M]] = {}
         self._loading: set[str] = set()
+        # Versions this pool failed to load; routing skips them like REJECTED events.
         self._rejected: dict[str, str] = {}
         self._state: ModelState | None = None
         # The version that served by default most recently: used while a newer one loads.
@@ -130,13 +136,14 @@ class ModelPool(Generic[M]):
             self._state = state
             self._metrics.canary_share.set(state.canary_share if state.canary else 0.0)
             to_load = [
-                v for v in sorted(state.wanted())
-                if v not in self._slots and v not in self._loading and v not in self._rejected
+                v for v in sorted(state.wanted(self._rejected))
+                if v not in self._slots and v not in self._loading
             ]  # fmt: skip
             for version in to_load:
                 self._loading.add(version)
             self._update_fallback()
             self._release_idle()
+        self._report_serving()
         for version in to_load:
             info = state.versions[version]
             threading.Thread(
@@ -167,6 +174,9 @@ class ModelPool(Generic[M]):
                     self._rejected[version] = reason
                 self._metrics.swaps.labels("rejected").inc()
                 self._on_reject(version, reason)
+                state = self._state
+                if state is not None:
+                    self.reconcile(state)  # falls back to the newest usable version
                 return
         with self._lock:
             self._loading.discard(version)
@@ -175,6 +185,7 @@ class ModelPool(Generic[M]):
             self._release_idle()
             self._metrics.resident.set(len(self._slots))
             self._lock.notify_all()
+        self._report_serving()
         self._metrics.swaps.labels("loaded").inc()
         self._metrics.load_seconds.observe(time.monotonic() - started)
         self._on_resident(version)
@@ -187,7 +198,7 @@ class ModelPool(Generic[M]):
     def _update_fallback(self) -> None:
         if self._state is None:
             return
-        serving = self._state.serving
+        serving = self._state.serving_version(self._rejected)
         if serving in self._slots:
             if self._fallback != serving:
                 if self._fallback is not None:
@@ -195,8 +206,16 @@ class ModelPool(Generic[M]):
                 self._metrics.serving.labels(serving).set(1)
             self._fallback = serving
 
+    def _report_serving(self) -> None:
+        # Under the lock, so that racing reports reach the callback in order.
+        with self._lock:
+            serving = bool(self._slots)
+            if serving != self._reported_serving:
+                self._reported_serving = serving
+                self._on_serving(serving)
+
     def _release_idle(self) -> None:
-        wanted = self._state.wanted() if self._state else set()
+        wanted = self._state.wanted(self._rejected) if self._state else set()
         for version, slot in list(self._slots.items()):
             if version not in wanted and version != self._fallback and slot.leases == 0:
                 del self._slots[version]
@@ -213,7 +232,7 @@ class ModelPool(Generic[M]):
                 if pinned not in self._slots:
                     raise KeyError(pinned)
                 return pinned
-            routed = self._state.route(user_id) if self._state else None
+            routed = self._state.route(user_id, self._rejected) if self._state else None
             if routed in self._slots:
                 return routed
             if self._fallback in self._slots:
@@ -240,6 +259,7 @@ class ModelPool(Generic[M]):
                 slot.leases -= 1
                 if slot.leases == 0:
                     self._release_idle()
+            self._report_serving()
 
     def resident(self) -> list[str]:
         with self._lock:
@@ -274,3 +294,4 @@ class ModelPool(Generic[M]):
                 self._release(slot.model)
             self._slots.clear()
             self._metrics.resident.set(0)
+        self._report_serving()

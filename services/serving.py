@@ -115,7 +115,10 @@ class ServingModels(Generic[M]):
         metrics: CollectorRegistry,
         release: Callable[[M], None] = lambda _m: None,
         on_resident: Callable[[str], None] = lambda _v: None,
+        report: Callable[[str, bool, str], None] = lambda _name, _ok, _detail: None,
     ) -> None:
+        """``report(condition, ok, detail)`` tells the server's health what serving needs:
+        ``model`` (a version is resident)."""
         self.role = role
         self.component = ROLE_NAMES[role]
         self._producer: bus.Producer | None = None
@@ -131,8 +134,12 @@ class ServingModels(Generic[M]):
             component=self.component,
             on_reject=self._rejected,
             on_resident=on_resident,
+            on_serving=lambda ok: report(
+                "model", ok, "" if ok else f"no {self.component} model version is loaded"
+            ),
             require_manifest=not path,
         )
+        report("model", False, f"no {self.component} model version is loaded yet")
         self.follower: ModelFollower | None = None
         self._static: ModelState | None = None
         if path:

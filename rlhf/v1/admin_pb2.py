@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from rlhf.v1 import events_pb2 as rlhf_dot_v1_dot_events__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13rlhf/v1/admin.proto\x12\x07rlhf.v1\x1a\x14rlhf/v1/events.proto\"\xb3\x02\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12 \n\x04role\x18\x02 \x01(\x0e\x32\x12.rlhf.v1.ModelRole\x12\x16\n\x0eparent_version\x18\x03 \x01(\t\x12\x15\n\rcreated_at_ms\x18\x04 \x01(\x03\x12\x12\n\nround_type\x18\x05 \x01(\t\x12\x33\n\x07metrics\x18\x06 \x03(\x0b\x32\".rlhf.v1.ModelVersion.MetricsEntry\x12\x10\n\x08promoted\x18\x07 \x01(\x08\x12\x0e\n\x06pinned\x18\x08 \x01(\x08\x12\x14\n\x0c\x63\x61nary_share\x18\t \x01(\x01\x12\x10\n\x08resident\x18\n \x01(\x08\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"7\n\x13ListVersionsRequest\x12 \n\x04role\x18\x01 \x01(\x0e\x32\x12.rlhf.v1.ModelRole\"?\n\x14ListVersionsResponse\x12\'\n\x08versions\x18\x01 \x03(\x0b\x32\x15.rlhf.v1.ModelVersion\"\x0f\n\rStatusRequest\"\xc2\x01\n\nRoleStatus\x12 \n\x04role\x18\x01 \x01(\x0e\x32\x12.rlhf.v1.ModelRole\x12\x17\n\x0fserving_version\x18\x02 \x01(\t\x12\x18\n\x10promoted_version\x18\x03 \x01(\t\x12\x16\n\x0epinned_version\x18\x04 \x01(\t\x12\x16\n\x0e\x63\x61nary_version\x18\x05 \x01(\t\x12\x14\n\x0c\x63\x61nary_share\x18\x06 \x01(\x01\x12\x19\n\x11resident_versions\x18\x07 \x03(\t\"4\n\x0eStatusResponse\x12\"\n\x05roles\x18\x01 \x03(\x0b\x32\x13.rlhf.v1.RoleStatus\"C\n\x0ePromoteRequest\x12 \n\x04role\x18\x01 \x01(\x0e\x32\x12.rlhf.v1.ModelRole\x12\x0f\n\x07version\x18\x02 \x01(\t\"D\n\x0fRollbackRequest\x12 \n\x04role\x18\x01 \x01(\x0e\x32\x12.rlhf.v1.ModelRole\x12\x0f\n\x07version\x18\x02 \x01(\t\"?\n\nPinRequest\x12 \n\x04role\x18\x01 \x01(\x0e\x32\x12.rlhf.v1.ModelRole\x12\x0f\n\x07version\x18\x02 \x01(\t\"Q\n\rCanaryRequest\x12 \n\x04role\x18\x01 \x01(\x0e\x32\x12.rlhf.v1.ModelRole\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05share\x18\x03 \x01(\x01\"A\n\x08\x41\x64minAck\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12#\n\x06status\x18\x02 \x01(\x0b\x32\x13.rlhf.v1.RoleStatus2\xf0\x02\n\x0c\x41\x64minService\x12K\n\x0cListVersions\x12\x1c.rlhf.v1.ListVersionsRequest\x1a\x1d.rlhf.v1.ListVersionsResponse\x12<\n\tGetStatus\x12\x16.rlhf.v1.StatusRequest\x1a\x17.rlhf.v1.StatusResponse\x12\x35\n\x07Promote\x12\x17.rlhf.v1.PromoteRequest\x1a\x11.rlhf.v1.AdminAck\x12\x37\n\x08Rollback\x12\x18.rlhf.v1.RollbackRequest\x1a\x11.rlhf.v1.AdminAck\x12-\n\x03Pin\x12\x13.rlhf.v1.PinRequest\x1a\x11.rlhf.v1.AdminAck\x12\x36\n\tSetCanary\x12\x16.rlhf.v1.CanaryRequest\x1a\x11.rlhf.v1.AdminAckb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13rlhf/v1/admin.proto\x12\x07rlhf.v1\x1a\x14rlhf/v1/events.proto\"\xcc\x02\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12 \n\x04role\x18\x02 \x01(\x0e\x32\x12.rlhf.v1.ModelRole\x12\x16\n\x0eparent_version\x18\x03 \x01(\t\x12\x15\n\rcreated_at_ms\x18\x04 \x01(\x03\x12\x12\n\nround_type\x18\x05 \x01(\t\x12\x33\n\x07metrics\x18\x06 \x03(\x0b\x32\".rlhf.v1.ModelVersion.MetricsEntry\x12\x10\n\x08promoted\x18\x07 \x01(\x08\x12\x0e\n\x06pinned\x18\x08 \x01(\x08\x12\x14\n\x0c\x63\x61nary_share\x18\t \x01(\x01\x12\x10\n\x08resident\x18\n \x01(\x08\x12\x17\n\x0frejected_reason\x18\x0b \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"7\n\x13ListVersionsRequest\x12 \n\x04role\x18\x01 \x01(\x0e\x32\x12.rlhf.v1.ModelRole\"?\n\x14ListVersionsResponse\x12\'\n\x08versions\x18\x01 \x03(\x0b\x32\x15.rlhf.v1.ModelVersion\"\x0f\n\rStatusRequest\"\xc2\x01\n\nRoleStatus\x12 \n\x04role\x18\x01 \x01(\x0e\x32\x12.rlhf.v1.ModelRole\x12\x17\n\x0fserving_version\x18\x02 \x01(\t\x12\x18\n\x10promoted_version\x18\x03 \x01(\t\x12\x16\n\x0epinned_version\x18\x04 \x01(\t\x12\x16\n\x0e\x63\x61nary_version\x18\x05 \x01(\t\x12\x14\n\x0c\x63\x61nary_share\x18\x06 \x01(\x01\x12\x19\n\x11resident_versions\x18\x07 \x03(\t\"4\n\x0eStatusResponse\x12\"\n\x05roles\x18\x01 \x03(\x0b\x32\x13.rlhf.v1.RoleStatus\"C\n\x0ePromoteRequest\x12 \n\x04role\x18\x01 \x01(\x0e\x32\x12.rlhf.v1.ModelRole\x12\x0f\n\x07version\x18\x02 \x01(\t\"D\n\x0fRollbackRequest\x12 \n\x04role\x18\x01 \x01(\x0e\x32\x12.rlhf.v1.ModelRole\x12\x0f\n\x07version\x18\x02 \x01(\t\"?\n\nPinRequest\x12 \n\x04role\x18\x01 \x01(\x0e\x32\x12.rlhf.v1.ModelRole\x12\x0f\n\x07version\x18\x02 \x01(\t\"Q\n\rCanaryRequest\x12 \n\x04role\x18\x01 \x01(\x0e\x32\x12.rlhf.v1.ModelRole\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05share\x18\x03 \x01(\x01\"A\n\x08\x41\x64minAck\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12#\n\x06status\x18\x02 \x01(\x0b\x32\x13.rlhf.v1.RoleStatus2\xf0\x02\n\x0c\x41\x64minService\x12K\n\x0cListVersions\x12\x1c.rlhf.v1.ListVersionsRequest\x1a\x1d.rlhf.v1.ListVersionsResponse\x12<\n\tGetStatus\x12\x16.rlhf.v1.StatusRequest\x1a\x17.rlhf.v1.StatusResponse\x12\x35\n\x07Promote\x12\x17.rlhf.v1.PromoteRequest\x1a\x11.rlhf.v1.AdminAck\x12\x37\n\x08Rollback\x12\x18.rlhf.v1.RollbackRequest\x1a\x11.rlhf.v1.AdminAck\x12-\n\x03Pin\x12\x13.rlhf.v1.PinRequest\x1a\x11.rlhf.v1.AdminAck\x12\x36\n\tSetCanary\x12\x16.rlhf.v1.CanaryRequest\x1a\x11.rlhf.v1.AdminAckb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,29 +35,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELVERSION_METRICSENTRY']._loaded_options = None
   _globals['_MODELVERSION_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_MODELVERSION']._serialized_start=55
-  _globals['_MODELVERSION']._serialized_end=362
-  _globals['_MODELVERSION_METRICSENTRY']._serialized_start=316
-  _globals['_MODELVERSION_METRICSENTRY']._serialized_end=362
-  _globals['_LISTVERSIONSREQUEST']._serialized_start=364
-  _globals['_LISTVERSIONSREQUEST']._serialized_end=419
-  _globals['_LISTVERSIONSRESPONSE']._serialized_start=421
-  _globals['_LISTVERSIONSRESPONSE']._serialized_end=484
-  _globals['_STATUSREQUEST']._serialized_start=486
-  _globals['_STATUSREQUEST']._serialized_end=501
-  _globals['_ROLESTATUS']._serialized_start=504
-  _globals['_ROLESTATUS']._serialized_end=698
-  _globals['_STATUSRESPONSE']._serialized_start=700
-  _globals['_STATUSRESPONSE']._serialized_end=752
-  _globals['_PROMOTEREQUEST']._serialized_start=754
-  _globals['_PROMOTEREQUEST']._serialized_end=821
-  _globals['_ROLLBACKREQUEST']._serialized_start=823
-  _globals['_ROLLBACKREQUEST']._serialized_end=891
-  _globals['_PINREQUEST']._serialized_start=893
-  _globals['_PINREQUEST']._serialized_end=956
-  _globals['_CANARYREQUEST']._serialized_start=958
-  _globals['_CANARYREQUEST']._serialized_end=1039
-  _globals['_ADMINACK']._serialized_start=1041
-  _globals['_ADMINACK']._serialized_end=1106
-  _globals['_ADMINSERVICE']._serialized_start=1109
-  _globals['_ADMINSERVICE']._serialized_end=1477
+  _globals['_MODELVERSION']._serialized_end=387
+  _globals['_MODELVERSION_METRICSENTRY']._serialized_start=341
+  _globals['_MODELVERSION_METRICSENTRY']._serialized_end=387
+  _globals['_LISTVERSIONSREQUEST']._serialized_start=389
+  _globals['_LISTVERSIONSREQUEST']._serialized_end=444
+  _globals['_LISTVERSIONSRESPONSE']._serialized_start=446
+  _globals['_LISTVERSIONSRESPONSE']._serialized_end=509
+  _globals['_STATUSREQUEST']._serialized_start=511
+  _globals['_STATUSREQUEST']._serialized_end=526
+  _globals['_ROLESTATUS']._serialized_start=529
+  _globals['_ROLESTATUS']._serialized_end=723
+  _globals['_STATUSRESPONSE']._serialized_start=725
+  _globals['_STATUSRESPONSE']._serialized_end=777
+  _globals['_PROMOTEREQUEST']._serialized_start=779
+  _globals['_PROMOTEREQUEST']._serialized_end=846
+  _globals['_ROLLBACKREQUEST']._serialized_start=848
+  _globals['_ROLLBACKREQUEST']._serialized_end=916
+  _globals['_PINREQUEST']._serialized_start=918
+  _globals['_PINREQUEST']._serialized_end=981
+  _globals['_CANARYREQUEST']._serialized_start=983
+  _globals['_CANARYREQUEST']._serialized_end=1064
+  _globals['_ADMINACK']._serialized_start=1066
+  _globals['_ADMINACK']._serialized_end=1131
+  _globals['_ADMINSERVICE']._serialized_start=1134
+  _globals['_ADMINSERVICE']._serialized_end=1502
 # @@protoc_insertion_point(module_scope)

@@ -55,6 +55,7 @@ class ModelVersion(_message.Message):
     PINNED_FIELD_NUMBER: _builtins.int
     CANARY_SHARE_FIELD_NUMBER: _builtins.int
     RESIDENT_FIELD_NUMBER: _builtins.int
+    REJECTED_REASON_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     role: _events_pb2.ModelRole.ValueType
     parent_version: _builtins.str
@@ -65,6 +66,10 @@ class ModelVersion(_message.Message):
     pinned: _builtins.bool
     canary_share: _builtins.float
     resident: _builtins.bool
+    rejected_reason: _builtins.str
+    """Set when a server refused the version (failed verification or warm-up): why. A rejected
+    version is never served; publish the model again as a new version to retry it.
+    """
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
     def __init__(
@@ -80,10 +85,11 @@ class ModelVersion(_message.Message):
         pinned: _builtins.bool = ...,
         canary_share: _builtins.float = ...,
         resident: _builtins.bool = ...,
+        rejected_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["canary_share", b"canary_share", "created_at_ms", b"created_at_ms", "metrics", b"metrics", "parent_version", b"parent_version", "pinned", b"pinned", "promoted", b"promoted", "resident", b"resident", "role", b"role", "round_type", b"round_type", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["canary_share", b"canary_share", "created_at_ms", b"created_at_ms", "metrics", b"metrics", "parent_version", b"parent_version", "pinned", b"pinned", "promoted", b"promoted", "rejected_reason", b"rejected_reason", "resident", b"resident", "role", b"role", "round_type", b"round_type", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -314,7 +314,9 @@ Global___DemonstrationEvent: _TypeAlias = DemonstrationEvent  # noqa: Y015
 
 @_typing.final
 class ModelEvent(_message.Message):
-    """Topic rlhf.models (compacted, keyed by role): the model lifecycle."""
+    """Topic rlhf.models (compacted, keyed by event_id so that compaction drops no event): the
+    model lifecycle. Every server folds the whole history, in topic order, into its state.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -349,6 +351,7 @@ class ModelEvent(_message.Message):
     CANARY_SHARE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     ACTOR_FIELD_NUMBER: _builtins.int
+    ROUND_TYPE_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     created_at_ms: _builtins.int
     kind: Global___ModelEventKind.ValueType
@@ -360,6 +363,8 @@ class ModelEvent(_message.Message):
     canary_share: _builtins.float
     reason: _builtins.str
     actor: _builtins.str
+    round_type: _builtins.str
+    """PUBLISHED: the round that produced the version (init, sft, rm, ppo), from its manifest."""
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Evaluation metrics from the manifest."""
@@ -378,10 +383,11 @@ class ModelEvent(_message.Message):
         canary_share: _builtins.float = ...,
         reason: _builtins.str = ...,
         actor: _builtins.str = ...,
+        round_type: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "canary_share", b"canary_share", "created_at_ms", b"created_at_ms", "event_id", b"event_id", "kind", b"kind", "metrics", b"metrics", "parent_version", b"parent_version", "path", b"path", "reason", b"reason", "role", b"role", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "canary_share", b"canary_share", "created_at_ms", b"created_at_ms", "event_id", b"event_id", "kind", b"kind", "metrics", b"metrics", "parent_version", b"parent_version", "path", b"path", "reason", b"reason", "role", b"role", "round_type", b"round_type", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

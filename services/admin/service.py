@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 
-from rlhf import bus, topics
+from rlhf import bus, checkpoint, topics
 from rlhf.lifecycle import ROLE_NAMES, Kind, ModelFollower, ModelState, model_event
 from rlhf.v1 import admin_pb2, admin_pb2_grpc, events_pb2
 
@@ -32,6 +33,14 @@ def role_status(state: ModelState, resident: list[str]) -> admin_pb2.RoleStatus:
         canary_share=state.canary_share,
         resident_versions=sorted(resident),
     )
+
+
+def _manifest_round_type(path: str) -> str:
+    """For versions announced before events carried their round type."""
+    try:
+        return checkpoint.read_manifest(Path(path)).round_type if path else ""
+    except (checkpoint.CheckpointError, OSError, ValueError):
+        return ""
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
@@ -67,6 +76,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
                 f"version {version!r} is not a published {ROLE_NAMES[state.role]} version",
+            )
+        if version in state.rejected:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"version {version!r} was rejected ({state.rejected[version]}) and is never "
+                "served; publish the model again as a new version",
             )
 
     async def _write(
@@ -108,6 +123,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                         pinned=info.version == state.pinned,
                         canary_share=state.canary_share if info.version == state.canary else 0.0,
                         resident=info.version in resident,
+                        round_type=info.round_type or _manifest_round_type(info.path),
+                        rejected_reason=state.rejected.get(info.version, ""),
                     )
                 )
         return out

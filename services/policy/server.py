@@ -379,7 +379,6 @@ class PolicyServer:
         self.config = config
         self.registry = registry
         self.runtime = ServerRuntime(config.runtime, registry, component="policy")
-        self.runtime.set_ready(INFERENCE, False)
         self.engine: GenerationEngine = make_engine(config, registry)
         engine = self.engine
         fixed_name = config.model.version if config.model.path else ""
@@ -393,7 +392,7 @@ class PolicyServer:
             warm_up=engine.warm_up,
             release=engine.unload,
             metrics=registry,
-            on_resident=lambda _version: self.runtime.set_ready(INFERENCE, True),
+            report=lambda name, ok, detail: self.runtime.set_condition(INFERENCE, name, ok, detail),
         )
         self.pool = self.models.pool
         self.publisher: GenerationPublisher | None = None

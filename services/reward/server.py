@@ -154,7 +154,6 @@ class RewardServer:
         self.config = config
         self.registry = registry
         self.runtime = ServerRuntime(config.runtime, registry, component="reward")
-        self.runtime.set_ready(REWARD, False)
         self.models: ServingModels[LoadedRewardModel] = ServingModels(
             role=events_pb2.MODEL_ROLE_REWARD,
             path=config.model.path,
@@ -164,7 +163,7 @@ class RewardServer:
             load=lambda path: load(path, config.model),
             warm_up=warm_up,
             metrics=registry,
-            on_resident=lambda _version: self.runtime.set_ready(REWARD, True),
+            report=lambda name, ok, detail: self.runtime.set_condition(REWARD, name, ok, detail),
         )
         self.pool = self.models.pool
         self.scorer: BatchScorer | None = None
