@@ -4,11 +4,18 @@ One ``ServerRuntime`` per process gives a service, without any code of its own:
 
 * a ``grpc.aio`` server with message size limits (oversized messages: ``RESOURCE_EXHAUSTED``);
 * standard health checking (``grpc.health.v1.Health``) and server reflection;
-* API-key authentication with scopes (``infer``, ``feedback``, ``admin``): keys come from a
-  file and/or an inline setting (usually an environment variable), are compared in constant
-  time, a missing or unknown key is ``UNAUTHENTICATED`` and a key without the method's scope
-  is ``PERMISSION_DENIED``. Health and reflection stay open so probes need no key. With no
-  keys configured, authentication is off and the server says so loudly at start-up;
+* API-key authentication with scopes (``infer``, ``feedback``, ``admin``; ``rlhf/auth.py``):
+  keys come from a file (re-read when it changes) and/or an inline setting (usually an
+  environment variable), are compared in constant time, a missing or unknown key is
+  ``UNAUTHENTICATED`` and a key without the method's scope is ``PERMISSION_DENIED``, both
+  before the request body is parsed; a malformed body is ``INVALID_ARGUMENT``
+  (``rlhf/calls.py``). Health and reflection stay open so probes need no key. With no keys
+  configured, authentication is off and the server says so loudly at start-up;
+* TLS from certificate files, reloaded when they change (``runtime.tls.*``, ``rlhf/tls.py``),
+  on the gRPC port and on ``/metrics``;
+* health conditions: a service is SERVING only while everything it needs holds
+  (``set_condition``; a model loaded, Kafka reachable...), each one exported as
+  ``rlhf_<component>_health_condition{service,condition}``;
 * Prometheus metrics on ``/metrics``: ``rlhf_<component>_requests_total{method,code}``,
   ``rlhf_<component>_request_duration_seconds{method,code}`` and
   ``rlhf_<component>_requests_in_flight{method}``, next to whatever the service registers;
@@ -61,8 +68,7 @@ import logging
 import signal
 import socket
 import threading
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -70,45 +76,18 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
 # Re-exported: services import the auth names from the runtime they plug into.
 from rlhf.auth import KeyStore as KeyStore
 from rlhf.auth import Scope as Scope
 from rlhf.auth import parse_api_keys as parse_api_keys
-from rlhf.auth import presented_key
+from rlhf.calls import PUBLIC_SERVICES, CallInterceptor, CallMetrics
 from rlhf.config import option
 from rlhf.tls import TlsConfig, grpc_server_credentials, server_ssl_context
 
 log = logging.getLogger(__name__)
-
-
-# Probes and tooling must work without a key; they reveal nothing but liveness and the API shape.
-PUBLIC_SERVICES = (
-    health.SERVICE_NAME,
-    reflection.SERVICE_NAME,
-)
-
-# Request latency buckets from 1 ms (metadata-only calls) to 2 minutes (long generations).
-DURATION_BUCKETS = (
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1,
-    2.5,
-    5,
-    10,
-    30,
-    60,
-    120,
-)
 
 
 @dataclass(frozen=True)
@@ -152,161 +131,6 @@ class RuntimeConfig:
         parse_api_keys(self.api_keys, where="api_keys")  # fail at start-up, not at first call
 
 
-class _Metrics:
-    def __init__(self, registry: CollectorRegistry, component: str) -> None:
-        prefix = f"rlhf_{component}"
-        self.requests = Counter(
-            f"{prefix}_requests_total",
-            "gRPC calls handled, by method and status code",
-            ["method", "code"],
-            registry=registry,
-        )
-        self.duration = Histogram(
-            f"{prefix}_request_duration_seconds",
-            "gRPC call duration from receipt to the last response byte, by method and status code",
-            ["method", "code"],
-            buckets=DURATION_BUCKETS,
-            registry=registry,
-        )
-        self.in_flight = Gauge(
-            f"{prefix}_requests_in_flight",
-            "gRPC calls being handled",
-            ["method"],
-            registry=registry,
-        )
-        self.conditions = Gauge(
-            f"{prefix}_health_condition",
-            "1 while a condition a service needs to serve holds (model loaded, Kafka reachable, "
-            "a topic tail running...), else 0; the service is SERVING only while all are 1",
-            ["service", "condition"],
-            registry=registry,
-        )
-
-
-class _Interceptor(grpc.aio.ServerInterceptor):
-    """Authenticates each call, then times it and counts it by final status code."""
-
-    def __init__(self, keys: KeyStore, scopes: Mapping[str, Scope], metrics: _Metrics) -> None:
-        self._keys = keys
-        self._scopes = scopes
-        self._metrics = metrics
-
-    def _required_scope(self, method: str) -> Scope | None:
-        """None for public services; unknown services need ``admin`` (deny by default)."""
-        service = method.lstrip("/").split("/", 1)[0]
-        if service in PUBLIC_SERVICES:
-            return None
-        return self._scopes.get(method, self._scopes.get(service, Scope.ADMIN))
-
-    def _check(self, method: str, metadata: Any) -> tuple[grpc.StatusCode, str] | None:
-        scope = self._required_scope(method)
-        if scope is None or not self._keys.enabled:
-            return None
-        presented = presented_key(metadata)
-        if presented is None:
-            return (
-                grpc.StatusCode.UNAUTHENTICATED,
-                "missing API key: send metadata 'authorization: Bearer <key>'",
-            )
-        granted = self._keys.lookup(presented)
-        if granted is None:
-            return grpc.StatusCode.UNAUTHENTICATED, "invalid API key"
-        if scope not in granted:
-            return grpc.StatusCode.PERMISSION_DENIED, f"API key lacks scope '{scope.value}'"
-        return None
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None:
-            return handler
-        method = details.method
-        denial = self._check(method, details.invocation_metadata)
-        return _wrap(handler, method.lstrip("/"), denial, self._metrics)
-
-
-def _final_code(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:
-    if isinstance(error, asyncio.CancelledError):
-        return grpc.StatusCode.CANCELLED.name
-    code = context.code()
-    if isinstance(code, grpc.StatusCode):
-        return code.name
-    if error is not None and not isinstance(error, grpc.aio.AbortError):
-        return grpc.StatusCode.UNKNOWN.name
-    return grpc.StatusCode.OK.name
-
-
-def _wrap(
-    handler: grpc.RpcMethodHandler,
-    method: str,
-    denial: tuple[grpc.StatusCode, str] | None,
-    metrics: _Metrics,
-) -> grpc.RpcMethodHandler:
-    """The same handler, refusing the call when ``denial`` is set and recording metrics."""
-
-    def record(
-        context: grpc.aio.ServicerContext, start: float, error: BaseException | None
-    ) -> None:
-        code = _final_code(context, error)
-        metrics.requests.labels(method, code).inc()
-        metrics.duration.labels(method, code).observe(time.perf_counter() - start)
-        metrics.in_flight.labels(method).dec()
-
-    def unary_response(behavior: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
-        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            start = time.perf_counter()
-            metrics.in_flight.labels(method).inc()
-            error: BaseException | None = None
-            try:
-                if denial is not None:
-                    await context.abort(*denial)
-                return await behavior(request, context)
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                record(context, start, error)
-
-        return call
-
-    def stream_response(behavior: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
-        async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            start = time.perf_counter()
-            metrics.in_flight.labels(method).inc()
-            error: BaseException | None = None
-            try:
-                if denial is not None:
-                    await context.abort(*denial)
-                result = behavior(request, context)
-                if inspect.isasyncgen(result):
-                    async for item in result:
-                        yield item
-                else:  # a coroutine that writes with context.write()
-                    await result
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                record(context, start, error)
-
-        return call
-
-    kwargs = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(unary_response(handler.unary_unary), **kwargs)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(stream_response(handler.unary_stream), **kwargs)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(unary_response(handler.stream_unary), **kwargs)
-    return grpc.stream_stream_rpc_method_handler(stream_response(handler.stream_stream), **kwargs)
-
-
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -343,7 +167,7 @@ class ServerRuntime:
         self.keys = KeyStore.from_settings(config.api_keys, config.api_keys_file)
         if config.require_auth and not self.keys.enabled:
             raise ValueError("require_auth is set but no API key is configured")
-        self._metrics = _Metrics(registry, component)
+        self._metrics = CallMetrics(registry, component)
         self._server: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
         self._metrics_http: Any = None
@@ -376,7 +200,7 @@ class ServerRuntime:
             ("grpc.so_reuseport", 0),
         ]
         server = grpc.aio.server(
-            interceptors=[_Interceptor(self.keys, scopes, self._metrics)],
+            interceptors=[CallInterceptor(self.keys, scopes, self._metrics)],
             options=options,
             maximum_concurrent_rpcs=cfg.max_concurrent_rpcs or None,
         )
