@@ -8,6 +8,7 @@ import json
 import random
 import threading
 import time
+import tracemalloc
 from collections import Counter
 from typing import Any
 
@@ -65,7 +66,8 @@ def test_valid_comparison_with_ties_and_generation_ids_passes() -> None:
             "K=10",
         ),
         ({"ranks": [1, 2]}, "ranks", "2 ranks for 3 responses"),
-        ({"ranks": [0, 1, 2]}, "ranks", "ranks[0]: rank 0; ranks start at 1"),
+        ({"ranks": [0, 1, 2]}, "ranks", "ranks[0]: rank 0; ranks run from 1 (best) to at most 3"),
+        ({"ranks": [1, 2, 4]}, "ranks", "ranks[2]: rank 4; ranks run from 1 (best) to at most 3"),
         ({"ranks": [1, 3, 3]}, "ranks", "skips rank 2"),
         ({"ranks": [1, 1, 1]}, "ranks", "every response is tied"),
         (
@@ -115,6 +117,22 @@ def test_invalid_comparison_says_why(
     assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert caught.value.reason == reason
     assert message in caught.value.message
+
+
+@pytest.mark.parametrize("huge", [2**31, 2**32 - 1, 1_000_000])
+def test_work_on_ranks_is_bounded_by_k_not_by_a_rank(huge: int) -> None:
+    """A rank like 2147483648 once made the gateway build a set of every number up to it."""
+    request = comparison(responses=texts("a", "b"), ranks=[huge, 1])
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        with pytest.raises(Rejection, match=f"ranks\\[0\\]: rank {huge}; ranks run from 1"):
+            validate_comparison(request, LIMITS)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 1024, peak
+    assert time.perf_counter() - started < 0.5
 
 
 def test_demonstration_rules() -> None:

@@ -19,6 +19,8 @@ from rlhf import bus, checkpoint, topics
 from rlhf.lifecycle import ROLE_NAMES, Kind, ModelFollower, ModelState, model_event
 from rlhf.v1 import admin_pb2, admin_pb2_grpc, events_pb2
 
+# Longest version name accepted (names are short; errors quote the name).
+MAX_VERSION_CHARS = 256
 # Versions resident in this process per role (for status); the servers pass their pools'.
 Resident = Callable[[int], list[str]]
 
@@ -72,6 +74,10 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     ) -> None:
         if not version:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "version is required")
+        if len(version) > MAX_VERSION_CHARS:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"version is over {MAX_VERSION_CHARS} characters"
+            )
         if version not in state.versions:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
@@ -177,7 +183,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         event = model_event(
             Kind.MODEL_EVENT_KIND_CANARY,
             request.role,
-            request.version,
+            request.version if request.share > 0 else "",  # share 0 ends the canary
             canary_share=request.share,
             actor=self._actor,
         )

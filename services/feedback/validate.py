@@ -49,15 +49,22 @@ def check_text(name: str, value: str, limit: int) -> None:
 
 
 def check_ranks(ranks: Sequence[int], k: int) -> None:
-    """Ranks are one per response, dense 1..m (ties allowed), and not all tied."""
+    """Ranks are one per response, dense 1..m (ties allowed), and not all tied.
+
+    Every rank is checked against K before anything is built from the values, so the work
+    done is bounded by K, never by a number inside the request."""
     if len(ranks) != k:
         raise _invalid(
             "ranks",
             f"ranks: {len(ranks)} ranks for {k} responses; give exactly one rank per response",
         )
     for i, rank in enumerate(ranks):
-        if rank < 1:
-            raise _invalid("ranks", f"ranks[{i}]: rank {rank}; ranks start at 1 (best)")
+        if not 1 <= rank <= k:
+            raise _invalid(
+                "ranks",
+                f"ranks[{i}]: rank {rank}; ranks run from 1 (best) to at most {k}, the number "
+                "of responses",
+            )
     used = set(ranks)
     top = max(ranks)
     missing = sorted(set(range(1, top + 1)) - used)

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 REWARD = "rlhf.v1.RewardService"
 SERVICES = {REWARD: Scope.INFER}
+# Longest model version name accepted (version names are short; errors quote the name).
+MAX_ID_CHARS = 256
 # Texts longer than this are tokenised off the event loop so they cannot stall other calls.
 INLINE_TOKENIZE_CHARS = 8192
 
@@ -96,6 +98,8 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
                 invalid,
                 f"responses must hold 1..{self._limits.max_responses} entries, got {len(request.responses)}",
             )
+        if len(request.model_version) > MAX_ID_CHARS:
+            await context.abort(invalid, f"model_version is over {MAX_ID_CHARS} characters")
         try:
             version = request.model_version or self._pool.choose()
         except NotServing as exc:
