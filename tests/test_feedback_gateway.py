@@ -24,7 +24,7 @@ from rlhf.kafka_local import LocalKafka
 from rlhf.runtime import ServerRuntime
 from rlhf.split import split_for_user
 from rlhf.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc
-from services.feedback.config import KafkaConfig, ResolverConfig
+from services.feedback.config import KafkaConfig, LimitsConfig, ResolverConfig
 from services.feedback.gateway import event_id_for, record_key
 from services.feedback.server import (
     SERVICES,
@@ -209,7 +209,10 @@ def test_rejections_explain_why(broker: LocalKafka, gateway: Gateway) -> None:
     cases = [
         (comparison(f"{run}-1", text(text="only one"), ranks=(1,)), grpc.StatusCode.INVALID_ARGUMENT,
          "responses: K=1; a comparison ranks 2..9 responses"),
-        (comparison(f"{run}-2", ranks=(1, 3)), grpc.StatusCode.INVALID_ARGUMENT, "skips rank 2"),
+        (comparison(f"{run}-2", ranks=(1, 3)), grpc.StatusCode.INVALID_ARGUMENT,
+         "ranks[1]: rank 3; ranks run from 1 (best) to at most 2"),
+        (comparison(f"{run}-2b", ranks=(2**31, 1)), grpc.StatusCode.INVALID_ARGUMENT,
+         "ranks[0]: rank 2147483648; ranks run from 1 (best) to at most 2"),
         (comparison(f"{run}-3", text(text="a"), text(text="a")), grpc.StatusCode.INVALID_ARGUMENT,
          "responses[1]: same text as responses[0]"),
         (comparison(""), grpc.StatusCode.INVALID_ARGUMENT, "idempotency_key: required"),
@@ -317,5 +320,70 @@ def test_bulk_acks_each_item_and_auth_needs_the_feedback_scope(broker: LocalKafk
             "rlhf_feedback_requests_total",
         ):
             assert name in exposition, name
+    finally:
+        gw.stop()
+
+
+def stored_ids(bootstrap: str, gw: Gateway, run: str) -> set[str]:
+    """Event ids in Kafka after a marker submitted now was stored (so nothing is in flight)."""
+    marker = gw.stub.SubmitComparison(comparison(f"{run}-marker"), timeout=10).event_id
+    records = read_events(bootstrap, [topics.COMPARISONS, topics.DEMONSTRATIONS])
+    ids = {r.value.event_id for r in records}  # type: ignore[attr-defined]
+    assert marker in ids
+    return ids
+
+
+def test_a_bulk_stream_that_fails_stores_nothing(broker: LocalKafka, gateway: Gateway) -> None:
+    """An item over the message limit after good ones: the call fails and none of the good
+    items is in Kafka; resending them stores each exactly once."""
+    run = uuid.uuid4().hex[:8]
+    good = [feedback_pb2.FeedbackItem(comparison=comparison(f"{run}-{i}")) for i in range(5)]
+    huge = feedback_pb2.FeedbackItem(
+        demonstration=feedback_pb2.DemonstrationRequest(prompt="x" * (5 * 1024 * 1024))
+    )
+    with pytest.raises(grpc.RpcError) as caught:
+        gateway.stub.SubmitBulk(iter([*good, huge]), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    ids = {event_id_for("comparison", f"{run}-{i}") for i in range(5)}
+    assert not ids & stored_ids(broker.bootstrap_servers, gateway, run)
+
+    def cancelled_midway() -> Iterator[feedback_pb2.FeedbackItem]:
+        yield from good
+        raise RuntimeError("the client gives up")
+
+    with pytest.raises(grpc.RpcError) as caught:
+        gateway.stub.SubmitBulk(cancelled_midway(), timeout=30)
+    assert caught.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
+    assert not ids & stored_ids(broker.bootstrap_servers, gateway, f"{run}-c")
+
+    reply = gateway.stub.SubmitBulk(iter(good), timeout=30)
+    assert [(i.code, i.ack.duplicate) for i in reply.items] == [(0, False)] * 5
+    records = read_events(broker.bootstrap_servers, [topics.COMPARISONS])
+    raw = Counter(r.value.event_id for r in records)  # type: ignore[attr-defined]
+    assert all(raw[event_id] == 1 for event_id in ids)
+
+
+def test_a_bulk_stream_over_the_item_limit_stores_nothing(broker: LocalKafka) -> None:
+    config = FeedbackServerConfig(
+        kafka=KafkaConfig(bootstrap_servers=broker.bootstrap_servers),
+        limits=LimitsConfig(max_bulk_items=3),
+        runtime=FeedbackRuntimeConfig(host="127.0.0.1", port=0, metrics_port=-1, grace_s=1),
+        startup_timeout_s=60,
+    )
+    registry = CollectorRegistry()
+    runtime = ServerRuntime(config.runtime, registry, component="feedback")
+    runtime.start_in_thread(add_servicers(config, registry, runtime), SERVICES)
+    channel = grpc.insecure_channel(f"127.0.0.1:{runtime.port}")
+    gw = Gateway(runtime, channel, feedback_pb2_grpc.FeedbackServiceStub(channel), registry)
+    try:
+        run = uuid.uuid4().hex[:8]
+        items = [feedback_pb2.FeedbackItem(comparison=comparison(f"{run}-{i}")) for i in range(4)]
+        with pytest.raises(grpc.RpcError) as caught:
+            gw.stub.SubmitBulk(iter(items), timeout=30)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "at most 3 items" in caught.value.details()
+        ids = {event_id_for("comparison", f"{run}-{i}") for i in range(4)}
+        assert not ids & stored_ids(broker.bootstrap_servers, gw, run)
+        assert gw.stub.SubmitBulk(iter(items[:3]), timeout=30).accepted == 3
     finally:
         gw.stop()

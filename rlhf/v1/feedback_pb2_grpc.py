@@ -67,8 +67,12 @@ class FeedbackServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SubmitBulk(self, request_iterator, context):
-        """Bulk upload: every item is validated and stored on its own; one bad item does not
-        fail the stream.
+        """Bulk upload. Nothing is stored until the client's stream ends cleanly: a stream that
+        fails (an item over the message size limit, too many items, cancellation, a lost
+        connection) stores nothing. Then every item is validated and stored on its own and acked
+        in BulkResponse.items; one bad item does not fail the others. If the call fails after the
+        stream ended (its deadline, the connection), resending the same items is safe: stored ones
+        come back with duplicate=true (same idempotency keys).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -34,8 +34,12 @@ class FeedbackServiceStub:
     SubmitComparison: _grpc.UnaryUnaryMultiCallable[_feedback_pb2.ComparisonRequest, _feedback_pb2.SubmitAck]
     SubmitDemonstration: _grpc.UnaryUnaryMultiCallable[_feedback_pb2.DemonstrationRequest, _feedback_pb2.SubmitAck]
     SubmitBulk: _grpc.StreamUnaryMultiCallable[_feedback_pb2.FeedbackItem, _feedback_pb2.BulkResponse]
-    """Bulk upload: every item is validated and stored on its own; one bad item does not
-    fail the stream.
+    """Bulk upload. Nothing is stored until the client's stream ends cleanly: a stream that
+    fails (an item over the message size limit, too many items, cancellation, a lost
+    connection) stores nothing. Then every item is validated and stored on its own and acked
+    in BulkResponse.items; one bad item does not fail the others. If the call fails after the
+    stream ended (its deadline, the connection), resending the same items is safe: stored ones
+    come back with duplicate=true (same idempotency keys).
     """
 
 @_typing.type_check_only
@@ -44,8 +48,12 @@ class FeedbackServiceAsyncStub(FeedbackServiceStub):
     SubmitComparison: _aio.UnaryUnaryMultiCallable[_feedback_pb2.ComparisonRequest, _feedback_pb2.SubmitAck]  # type: ignore[assignment]
     SubmitDemonstration: _aio.UnaryUnaryMultiCallable[_feedback_pb2.DemonstrationRequest, _feedback_pb2.SubmitAck]  # type: ignore[assignment]
     SubmitBulk: _aio.StreamUnaryMultiCallable[_feedback_pb2.FeedbackItem, _feedback_pb2.BulkResponse]  # type: ignore[assignment]
-    """Bulk upload: every item is validated and stored on its own; one bad item does not
-    fail the stream.
+    """Bulk upload. Nothing is stored until the client's stream ends cleanly: a stream that
+    fails (an item over the message size limit, too many items, cancellation, a lost
+    connection) stores nothing. Then every item is validated and stored on its own and acked
+    in BulkResponse.items; one bad item does not fail the others. If the call fails after the
+    stream ended (its deadline, the connection), resending the same items is safe: stored ones
+    come back with duplicate=true (same idempotency keys).
     """
 
 class FeedbackServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -69,8 +77,12 @@ class FeedbackServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_feedback_pb2.FeedbackItem],
         context: _ServicerContext,
     ) -> _typing.Union[_feedback_pb2.BulkResponse, _abc.Awaitable[_feedback_pb2.BulkResponse]]:
-        """Bulk upload: every item is validated and stored on its own; one bad item does not
-        fail the stream.
+        """Bulk upload. Nothing is stored until the client's stream ends cleanly: a stream that
+        fails (an item over the message size limit, too many items, cancellation, a lost
+        connection) stores nothing. Then every item is validated and stored on its own and acked
+        in BulkResponse.items; one bad item does not fail the others. If the call fails after the
+        stream ended (its deadline, the connection), resending the same items is safe: stored ones
+        come back with duplicate=true (same idempotency keys).
         """
 
 def add_FeedbackServiceServicer_to_server(servicer: FeedbackServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

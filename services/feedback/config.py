@@ -15,10 +15,18 @@ class LimitsConfig:
     max_response_chars: int = option(16_000, "longest accepted response, in characters")
     max_id_chars: int = option(256, "longest accepted labeler id, user id or idempotency key")
     max_responses: int = option(9, "largest K in a comparison (the paper ranks 4..9)")
+    max_bulk_items: int = option(
+        10_000, "most items in one SubmitBulk stream (held until the stream ends)"
+    )
+    max_bulk_bytes: int = option(
+        64 * 1024 * 1024, "most bytes of items in one SubmitBulk stream (held until it ends)"
+    )
 
     def __post_init__(self) -> None:
         if min(self.max_prompt_chars, self.max_response_chars, self.max_id_chars) < 1:
             raise ValueError("limits must be positive")
+        if self.max_bulk_items < 1 or self.max_bulk_bytes < 1:
+            raise ValueError("limits: max_bulk_items and max_bulk_bytes must be positive")
         if not 2 <= self.max_responses <= 9:
             raise ValueError("max_responses must be within 2..9")
 

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from rlhf.config import option, parse_config
 from rlhf.runtime import AddServicers, RuntimeConfig, Scope, ServerRuntime
 from rlhf.v1 import feedback_pb2, feedback_pb2_grpc
-from services.feedback.config import GatewayConfig
+from services.feedback.config import GatewayConfig, LimitsConfig
 from services.feedback.gateway import FeedbackGateway, Submitted, open_gateway
 from services.feedback.validate import Rejection
 
@@ -54,8 +54,9 @@ def _ack(result: Submitted) -> feedback_pb2.SubmitAck:
 
 
 class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
-    def __init__(self, gateway: FeedbackGateway) -> None:
+    def __init__(self, gateway: FeedbackGateway, limits: LimitsConfig) -> None:
         self._gateway = gateway
+        self._limits = limits
 
     async def SubmitComparison(
         self, request: feedback_pb2.ComparisonRequest, context: grpc.aio.ServicerContext
@@ -89,17 +90,35 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
         request_iterator: AsyncIterator[feedback_pb2.FeedbackItem],
         context: grpc.aio.ServicerContext,
     ) -> feedback_pb2.BulkResponse:
-        slots = asyncio.Semaphore(BULK_CONCURRENCY)
-        tasks: list[asyncio.Task[feedback_pb2.ItemAck]] = []
+        """All or nothing up to the end of the stream, then item by item: items are held
+        until the client's stream ends cleanly, so a stream that fails (an item over the
+        message size limit, a cancelled call, a broken connection) stores nothing. Then every
+        item is validated and stored on its own and acked in ``BulkResponse.items``; one bad
+        item does not fail the others. If the call fails after that (its deadline, the
+        connection), resending the same items is safe: stored ones come back duplicate."""
+        limits = self._limits
+        items: list[feedback_pb2.FeedbackItem] = []
+        held = 0
         async for item in request_iterator:
-            await slots.acquire()
-            task = asyncio.create_task(self._item(len(tasks), item))
-            task.add_done_callback(lambda _task: slots.release())
-            tasks.append(task)
-        items = await asyncio.gather(*tasks)
-        accepted = sum(1 for i in items if i.code == 0)
+            held += item.ByteSize()
+            if len(items) >= limits.max_bulk_items or held > limits.max_bulk_bytes:
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"a bulk stream holds at most {limits.max_bulk_items} items and "
+                    f"{limits.max_bulk_bytes} bytes; nothing of this stream was stored, send it "
+                    "in smaller streams",
+                )
+            items.append(item)
+        slots = asyncio.Semaphore(BULK_CONCURRENCY)
+
+        async def one(index: int, item: feedback_pb2.FeedbackItem) -> feedback_pb2.ItemAck:
+            async with slots:
+                return await self._item(index, item)
+
+        acks = await asyncio.gather(*(one(i, item) for i, item in enumerate(items)))
+        accepted = sum(1 for a in acks if a.code == 0)
         return feedback_pb2.BulkResponse(
-            items=items, accepted=accepted, rejected=len(items) - accepted
+            items=acks, accepted=accepted, rejected=len(acks) - accepted
         )
 
 
@@ -118,7 +137,7 @@ def add_servicers(
         )
         runtime.on_stop(lambda: asyncio.to_thread(app.close))
         feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(
-            FeedbackServicer(app.gateway), server
+            FeedbackServicer(app.gateway, config.limits), server
         )
 
     return add
