@@ -33,13 +33,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rlhf import models  # noqa: E402
+from rlhf import encoding, models  # noqa: E402
 from trainer import ppo  # noqa: E402
 from trainer import rm as rm_steps  # noqa: E402
 from trainer.corpus import PretrainCorpus  # noqa: E402
 from trainer.simulator import HiddenPreference, corpus_sentences, dense_ranks, make_prompts  # noqa: E402
 
 K = 4
+# Raw prompts (the byte family has no chat template), 64 prompt and 128 response tokens.
+SPEC = encoding.EncodingSpec(max_prompt_tokens=64, max_response_tokens=128)
 TRL_REQUIREMENTS = ["trl==1.16.0"]
 
 _TRL_SCRIPT = r"""
@@ -129,7 +131,7 @@ def bench_rm(
         rankings[i : i + prompts_per_step] for i in range(0, len(rankings), prompts_per_step)
     ]
     encoded = [
-        rm_steps.encode_rankings(tok, [p for p, _, _ in b], [r for _, r, _ in b], [k for _, _, k in b], 64, 128)
+        rm_steps.encode_rankings(tok, SPEC, [p for p, _, _ in b], [r for _, r, _ in b], [k for _, _, k in b])
         for b in batches
     ]  # fmt: skip
     pairs = 0
@@ -176,13 +178,15 @@ def bench_ppo(policy_dir: Path, reward_dir: Path, episodes: int, minibatch: int,
     times = {"generation": 0.0, "scoring": 0.0, "training": 0.0}
     for it in range(iterations + 1):  # iteration 0 warms up and is not counted
         t0 = time.perf_counter()
-        ids, mask = models.encode_prompts(tok, prompts, 64)
+        ids, mask = encoding.encode_prompts(tok, SPEC, prompts)
         ppo.sample(policy, ids, mask, max_new_tokens=32, eos=ppo.eos_ids(policy, tok))
         t1 = time.perf_counter()
-        ro = ppo.rollout(policy, reference, value, rm, tok, prompts, beta=0.02, max_new_tokens=32)
+        ro = ppo.rollout(
+            policy, reference, value, rm, tok, SPEC, prompts, beta=0.02, max_new_tokens=32
+        )
         t2 = time.perf_counter()
         for mb in ro.minibatches(minibatch):
-            ptx = models.encode_texts(tok, corpus.sample(8 * len(mb), rng), 64)
+            ptx = encoding.encode_texts(tok, corpus.sample(8 * len(mb), rng), 64)
             ppo.ppo_step(policy, value, optimizer, mb, ptx=ptx, gamma_ptx=gamma_ptx)
         t3 = time.perf_counter()
         if it:

@@ -10,7 +10,8 @@ listing shows and `remove_stale_staging` deletes.
     with staging(registry) as tmp:                    # removed unless published
         model.save_pretrained(tmp); tokenizer.save_pretrained(tmp)
         manifest = publish(registry, "policy", tmp, round_type="ppo", parent=prev.version,
-                           metrics={"mean_reward": 0.3}, offsets={("rlhf.prompts", 0): 812})
+                           metrics={"mean_reward": 0.3}, offsets={("rlhf.prompts", 0): 812},
+                           encoding=spec.to_dict())
     verify(registry / "policy" / manifest.version)  # -> Manifest; raises CheckpointError
     list_versions(registry, "policy") -> list[str]  # oldest first
     latest(registry, "policy") -> Path | None
@@ -33,6 +34,7 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 MANIFEST = "manifest.json"
 STAGING_PREFIX = ".tmp-"
@@ -58,6 +60,10 @@ class Manifest:
     # KL penalty and gate measure against (an SFT or initial policy names itself). A path
     # when the reference is a model outside the registry; None in manifests written before.
     reference: str | None = None
+    # How the model's examples were encoded in training (rlhf.encoding.EncodingSpec.to_dict());
+    # servers encode the same way. None in manifests written before it was recorded, and for
+    # initial versions: readers then use the default for the model's tokenizer.
+    encoding: dict[str, Any] | None = None
 
     def partition_offsets(self) -> dict[tuple[str, int], int]:
         """Offsets keyed like Kafka consumers want them: (topic, partition) -> next offset."""
@@ -159,6 +165,7 @@ def publish(
     offsets: Mapping[tuple[str, int], int] | None = None,
     version: str | None = None,
     reference: str | None = None,
+    encoding: Mapping[str, Any] | None = None,
 ) -> Manifest:
     """Publishes the files in `src` as a new immutable version of `role`.
 
@@ -187,6 +194,7 @@ def publish(
         offsets={f"{t}:{p}": int(o) for (t, p), o in sorted((offsets or {}).items())},
         files={str(p.relative_to(tmp)): _sha256(p) for p in _files(tmp)},
         reference=reference,
+        encoding=dict(encoding) if encoding is not None else None,
     )
     (tmp / MANIFEST).write_text(manifest.to_json())
     for path in [*_files(tmp), tmp / MANIFEST]:

@@ -1,37 +1,37 @@
-"""Model loading for every process: the policy server, the reward server and the trainer.
+"""Model building and loading for every process: the policy server, the reward server and the
+trainer.
 
-One code path serves the tiny test model and any Hugging Face causal-LM directory (or hub id):
+One code path serves the test models and any Hugging Face causal-LM directory (or hub id):
 
-    build_tiny(out_dir, seed=0, size="tiny") -> Path
-        A deterministic policy from a config (Llama architecture) plus a byte-level tokenizer
-        that needs no download, written as a normal HF directory (model.safetensors,
-        config.json, tokenizer.json, tokenizer_config.json).
+    build_tiny(out_dir, seed=0, size="tiny", tokenizer="byte") -> Path
+        A deterministic policy from a config plus a tokenizer that needs no download, written
+        as a normal HF directory (model.safetensors, config.json, tokenizer files). Two
+        families (`rlhf.tokenizer`): "byte", a Llama over a byte-level tokenizer (fast, the
+        demo's default), and "bpe", a Qwen2-shaped model (grouped-query attention, RoPE,
+        head_dim >= 32) over a locally trained byte-level BPE with a ChatML chat template,
+        which behaves like a real chat model.
     load_policy(path, device="cpu", dtype=None) -> (model, tokenizer)
         AutoModelForCausalLM + AutoTokenizer, eval mode; bf16 on CUDA, fp32 on CPU by default.
+        The trainer passes dtype=torch.float32 (master weights; compute under `autocast`).
     RewardModel(trunk, bias=0.0)
         LM trunk (AutoModel, no unembedding) + scalar head on the last non-pad token.
         forward(input_ids, attention_mask) -> (B,) normalised reward = raw + bias
         raw(input_ids, attention_mask) -> (B,);  per_token(...) -> (B, T) head at every position
-        save(dir);  bias is a saved buffer set after training so demonstrations average 0.
+        save(dir, tokenizer, dtype=None);  bias is a saved buffer set after training so
+        demonstrations average 0.
     load_reward_model(path, device="cpu", dtype=None) -> (RewardModel, tokenizer)
     reward_model_from_policy(policy_dir, device="cpu", dtype=None) -> (RewardModel, tokenizer)
         The paper initialises the RM from the SFT model; the head starts at zero weight.
-    encode_pairs(tokenizer, prompts, responses, ...) -> PairBatch
-        prompt tokens (with the tokenizer's own special prefix, e.g. BOS) + response tokens + EOS,
-        right-padded; `response_mask` marks the response tokens. Used by RM and policy scoring.
-    encode_prompts(tokenizer, prompts, max_prompt_tokens) -> (input_ids, attention_mask)
-        left-padded, for generation.
-    encode_texts(tokenizer, texts, max_tokens) -> (input_ids, attention_mask)
-        right-padded plain text (pretraining examples for the ptx loss).
-    join_pairs(prompt_ids, response_ids, pad_id) -> PairBatch   the same, already tokenised
-    pad(seqs, pad_id, side) -> (input_ids, attention_mask)
-    score(rm, tokenizer, prompts, responses) -> (B,) normalised rewards on CPU, one pass
-    load_tokenizer(path) -> tokenizer (pad token set to EOS where a model ships none)
+    score(rm, tok, spec, prompts, responses) -> (B,) normalised rewards on CPU, one pass,
+        encoded by `rlhf.encoding` as in training.
+    save_policy(model, tok, out_dir, dtype=None)   save_pretrained, optionally cast (a copy)
     autocast(device) -> context manager: bf16 autocast on CUDA, nothing on CPU (training).
 
-`rlhf model init --out DIR [--seed N] [--size tiny|small|0.5b]` writes DIR/policy and
-DIR/reward (the reward model initialised from that policy); `rlhf model info PATH` prints
-what a directory holds.
+Text to token ids: `rlhf.encoding` (one encoding for serving, scoring and training).
+
+`rlhf model init --out DIR [--seed N] [--size tiny|small|0.5b] [--tokenizer byte|bpe]` writes
+DIR/policy and DIR/reward (the reward model initialised from that policy); `rlhf model info
+PATH` prints what a directory holds, with the encoding it is served with.
 """
 
 from __future__ import annotations
@@ -50,110 +50,118 @@ from torch import Tensor, nn
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
-    AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
 )
 
+from rlhf import encoding
 from rlhf.config import option, parse_config
+from rlhf.encoding import EncodingSpec, Prompt
+from rlhf.tokenizer import bpe_tokenizer, byte_tokenizer, load_tokenizer, save_tokenizer
 
-PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
 REWARD_HEAD_FILE = "reward_head.safetensors"
 REWARD_META_FILE = "reward_model.json"
+FAMILIES = ("byte", "bpe")
 
 # Sizes for `build_tiny`: "tiny" for tests and the demo, "small" for CPU benchmarks, "0.5b" for
-# GPU benchmarks (Qwen2-0.5B's trunk shape; the byte vocabulary keeps the embedding small).
-SIZES: dict[str, dict[str, Any]] = {
-    "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=4),
-    "small": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                  num_attention_heads=8, num_key_value_heads=8),
-    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                 num_attention_heads=14, num_key_value_heads=2),
+# GPU benchmarks (Qwen2-0.5B's trunk shape; the small vocabularies keep the embedding small).
+# The byte family is a Llama with full multi-head attention at tiny size; the BPE family is a
+# Qwen2 with grouped-query attention (fewer KV heads than heads) and head_dim >= 32 at every size.
+SIZES: dict[str, dict[str, dict[str, Any]]] = {
+    "byte": {
+        "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=4),
+        "small": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=8),
+        "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                     num_attention_heads=14, num_key_value_heads=2),
+    },
+    "bpe": {
+        "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                     num_attention_heads=2, num_key_value_heads=1, head_dim=32),
+        "small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=2, head_dim=32),
+        "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                     num_attention_heads=14, num_key_value_heads=2, head_dim=64),
+    },
 }  # fmt: skip
-
-
-# --------------------------------------------------------------------------- tokenizer
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map (what the ByteLevel model uses)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    chars = list(printable)
-    n = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + n)
-            n += 1
-    return dict(zip(printable, map(chr, chars), strict=True))
-
-
-def byte_tokenizer(model_max_length: int = 2048) -> PreTrainedTokenizerFast:
-    """A byte-level tokenizer: token id == byte value (0..255), then pad, bos, eos.
-
-    It has no merges, so it needs no training data and no download; it is saved as a normal
-    tokenizer.json that AutoTokenizer loads like any real model's. Like Llama's tokenizer it
-    prepends BOS when `add_special_tokens=True`.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-
-    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([PAD, BOS, EOS])
-    bos_id = tok.token_to_id(BOS)
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, bos_id)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        model_max_length=model_max_length,
-    )
-
-
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """AutoTokenizer, with a pad token guaranteed (real models often ship without one)."""
-    tok = AutoTokenizer.from_pretrained(str(path))
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
+SIZE_NAMES = tuple(SIZES["byte"])
 
 
 # --------------------------------------------------------------------------- policy
 
 
-def build_tiny(out_dir: str | Path, seed: int = 0, size: str = "tiny") -> Path:
-    """Writes a randomly initialised (seeded, deterministic) Llama policy + byte tokenizer."""
-    if size not in SIZES:
-        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
-    out = Path(out_dir)
-    tok = byte_tokenizer()
-    config = LlamaConfig(
+def _new_model(family: str, size: str, tok: PreTrainedTokenizerBase) -> PreTrainedModel:
+    special = dict(
         vocab_size=len(tok),
-        max_position_embeddings=2048,
         pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         tie_word_embeddings=True,
-        **SIZES[size],
     )
+    if family == "byte":
+        return LlamaForCausalLM(
+            LlamaConfig(max_position_embeddings=2048, **special, **SIZES[family][size])
+        )
+    config = Qwen2Config(
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+        use_sliding_window=False,  # the serving engine needs full-attention KV caches
+        **special,
+        **SIZES[family][size],
+    )
+    return Qwen2ForCausalLM(config)
+
+
+def build_tiny(
+    out_dir: str | Path, seed: int = 0, size: str = "tiny", tokenizer: str = "byte"
+) -> Path:
+    """Writes a randomly initialised (seeded, deterministic) policy and its tokenizer."""
+    if tokenizer not in FAMILIES:
+        raise ValueError(f"tokenizer must be one of {', '.join(FAMILIES)}, got {tokenizer!r}")
+    if size not in SIZES[tokenizer]:
+        raise ValueError(f"size must be one of {', '.join(SIZE_NAMES)}, got {size!r}")
+    out = Path(out_dir)
+    tok = byte_tokenizer() if tokenizer == "byte" else bpe_tokenizer()
     # Seed a private generator state so building a model does not disturb the caller's RNG.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        model = _new_model(tokenizer, size, tok)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out)
-    tok.save_pretrained(out)
+    save_tokenizer(tok, out)
     return out
+
+
+def save_policy(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    out_dir: str | Path,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """save_pretrained of the model (cast to `dtype` on the way out, the model itself is left
+    as it is: the trainer keeps fp32 master weights) and its tokenizer."""
+    out = Path(out_dir)
+    _save_cast(model, out, dtype)
+    save_tokenizer(tok, out)
+    return out
+
+
+def _save_cast(model: PreTrainedModel, out: Path, dtype: torch.dtype | None) -> None:
+    if dtype is None or dtype == model.dtype:
+        model.save_pretrained(out)
+        return
+    state = {k: v.detach().to(dtype) if v.is_floating_point() else v
+             for k, v in model.state_dict().items()}  # fmt: skip
+    model.save_pretrained(out, state_dict=state)
+    # save_pretrained writes the model's own dtype; config.json must say what the weights are.
+    config = json.loads((out / "config.json").read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:
@@ -216,11 +224,17 @@ class RewardModel(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         return self.raw(input_ids, attention_mask) + self.bias
 
-    def save(self, out_dir: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> Path:
+    def save(
+        self,
+        out_dir: str | Path,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Path:
+        """The trunk as a HF directory (cast to `dtype` if given), the fp32 head, the bias."""
         out = Path(out_dir)
-        self.trunk.save_pretrained(out)
+        _save_cast(self.trunk, out, dtype)
         if tokenizer is not None:
-            tokenizer.save_pretrained(out)
+            save_tokenizer(tokenizer, out)
         head = {
             "head.weight": self.head.weight.detach().float().cpu().contiguous(),
             "head.bias": self.head.bias.detach().float().cpu().contiguous(),
@@ -261,95 +275,7 @@ def reward_model_from_policy(
     return RewardModel(trunk).to(device).eval(), load_tokenizer(policy_dir)
 
 
-# --------------------------------------------------------------------------- encoding
-
-
-def pad(seqs: Sequence[Sequence[int]], pad_id: int, side: str = "right") -> tuple[Tensor, Tensor]:
-    """Token lists -> (input_ids, attention_mask) as long tensors, padded on `side`."""
-    if side not in ("left", "right"):
-        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
-    width = max((len(s) for s in seqs), default=0)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        span = slice(width - len(s), width) if side == "left" else slice(0, len(s))
-        ids[i, span] = torch.tensor(list(s), dtype=torch.long)
-        mask[i, span] = 1
-    return ids, mask
-
-
-@dataclasses.dataclass(frozen=True)
-class PairBatch:
-    """Right-padded prompt+response sequences. `response_mask` is 1 on response tokens
-    (including the closing EOS), so token t's log-prob is read from logits at t-1."""
-
-    input_ids: Tensor
-    attention_mask: Tensor
-    response_mask: Tensor
-
-    def to(self, device: str | torch.device) -> PairBatch:
-        return PairBatch(*(t.to(device) for t in dataclasses.astuple(self)))
-
-
-def prompt_tokens(tok: PreTrainedTokenizerBase, prompt: str, max_tokens: int) -> list[int]:
-    """Prompt ids with the tokenizer's own prefix (BOS); a long prompt keeps its prefix and
-    its END (the text nearest the response matters most)."""
-    ids = list(tok(prompt, add_special_tokens=True)["input_ids"])
-    if len(ids) <= max_tokens:
-        return ids
-    special = set(tok.all_special_ids)
-    n_prefix = next((i for i, t in enumerate(ids) if t not in special), len(ids))
-    return ids[:n_prefix] + ids[len(ids) - (max_tokens - n_prefix) :]
-
-
-def response_tokens(tok: PreTrainedTokenizerBase, response: str, max_tokens: int) -> list[int]:
-    """Response ids, truncated to `max_tokens - 1`, then EOS (an ended response)."""
-    ids = tok(response, add_special_tokens=False)["input_ids"][: max_tokens - 1]
-    return [*ids, tok.eos_token_id]
-
-
-def join_pairs(
-    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int
-) -> PairBatch:
-    """Already-tokenised (prompt, response) pairs -> right-padded PairBatch."""
-    if len(prompts) != len(responses):
-        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    ids, mask = pad([[*p, *r] for p, r in zip(prompts, responses, strict=True)], pad_id)
-    resp, _ = pad([[0] * len(p) + [1] * len(r) for p, r in zip(prompts, responses, strict=True)], 0)
-    return PairBatch(ids, mask, resp)
-
-
-def encode_pairs(
-    tok: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    responses: Sequence[str],
-    max_prompt_tokens: int = 256,
-    max_response_tokens: int = 256,
-) -> PairBatch:
-    """(prompt, response) texts -> PairBatch: prompt tokens + response tokens + EOS."""
-    return join_pairs(
-        [prompt_tokens(tok, p, max_prompt_tokens) for p in prompts],
-        [response_tokens(tok, r, max_response_tokens) for r in responses],
-        tok.pad_token_id,
-    )
-
-
-def encode_prompts(
-    tok: PreTrainedTokenizerBase, prompts: Sequence[str], max_prompt_tokens: int = 256
-) -> tuple[Tensor, Tensor]:
-    """Prompts -> left-padded (input_ids, attention_mask) for `model.generate`."""
-    return pad(
-        [prompt_tokens(tok, p, max_prompt_tokens) for p in prompts], tok.pad_token_id, "left"
-    )
-
-
-def encode_texts(
-    tok: PreTrainedTokenizerBase, texts: Sequence[str], max_tokens: int = 256
-) -> tuple[Tensor, Tensor]:
-    """Plain texts (e.g. pretraining examples) -> right-padded (input_ids, attention_mask),
-    each with the tokenizer's prefix and cut to its first `max_tokens` tokens."""
-    ids = [list(tok(t, add_special_tokens=True)["input_ids"])[:max_tokens] for t in texts]
-    return pad(ids, tok.pad_token_id)
+# --------------------------------------------------------------------------- compute
 
 
 def autocast(device: str | torch.device) -> contextlib.AbstractContextManager[object]:
@@ -363,15 +289,15 @@ def autocast(device: str | torch.device) -> contextlib.AbstractContextManager[ob
 def score(
     model: RewardModel,
     tok: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
+    spec: EncodingSpec,
+    prompts: Sequence[Prompt],
     responses: Sequence[str],
-    max_prompt_tokens: int = 256,
-    max_response_tokens: int = 256,
 ) -> Tensor:
     """Normalised rewards (B,) on CPU for (prompt, response) texts, one forward pass."""
     device = model.head.weight.device
-    batch = encode_pairs(tok, prompts, responses, max_prompt_tokens, max_response_tokens)
-    return model(batch.input_ids.to(device), batch.attention_mask.to(device)).float().cpu()
+    batch = encoding.encode_pairs(tok, spec, prompts, responses).to(device)
+    with autocast(device):
+        return model(batch.input_ids, batch.attention_mask).float().cpu()
 
 
 # --------------------------------------------------------------------------- CLI
@@ -381,11 +307,20 @@ def score(
 class InitConfig:
     out: str = option("models/tiny", "directory to write <out>/policy and <out>/reward into")
     seed: int = option(0, "seed for the random initialisation (same seed, same weights)")
-    size: str = option("tiny", f"model size: {', '.join(SIZES)}")
+    size: str = option("tiny", f"model size: {', '.join(SIZE_NAMES)}")
+    tokenizer: str = option(
+        "byte",
+        "model family: byte (Llama, byte-level tokenizer, no chat template) or bpe (Qwen2 "
+        "with grouped-query attention, a BPE tokenizer trained on data/, a ChatML template)",
+    )
 
     def __post_init__(self) -> None:
-        if self.size not in SIZES:
-            raise ValueError(f"--size must be one of {', '.join(SIZES)}, got {self.size!r}")
+        if self.size not in SIZE_NAMES:
+            raise ValueError(f"--size must be one of {', '.join(SIZE_NAMES)}, got {self.size!r}")
+        if self.tokenizer not in FAMILIES:
+            raise ValueError(
+                f"--tokenizer must be one of {', '.join(FAMILIES)}, got {self.tokenizer!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -406,7 +341,9 @@ class SeedConfig:
 
 def init_models(cfg: InitConfig) -> tuple[Path, Path]:
     """Writes <out>/policy (build_tiny) and <out>/reward (RM initialised from that policy)."""
-    policy = build_tiny(Path(cfg.out) / "policy", seed=cfg.seed, size=cfg.size)
+    policy = build_tiny(
+        Path(cfg.out) / "policy", seed=cfg.seed, size=cfg.size, tokenizer=cfg.tokenizer
+    )
     rm, tok = reward_model_from_policy(policy)
     reward = rm.save(Path(cfg.out) / "reward", tok)
     return policy, reward
@@ -433,11 +370,26 @@ def describe(path: str | Path) -> dict[str, object]:
             for key in st.keys():  # noqa: SIM118 - safe_open handles are not iterable
                 params += _numel(st, key)
     info["parameters"] = params
+    info["dtype"] = config.get("dtype") or config.get("torch_dtype")
     if is_reward_model_dir(path):
         info["bias"] = json.loads((path / REWARD_META_FILE).read_text()).get("bias")
+    tok = load_tokenizer(path)
+    info["tokenizer"] = {
+        "vocabulary": len(tok),
+        "bos": tok.bos_token,
+        "eos": tok.eos_token,
+        "pad": tok.pad_token,
+        "chat_template": encoding.has_chat_template(tok),
+    }
     manifest = path / "manifest.json"
-    if manifest.is_file():
-        info["manifest"] = json.loads(manifest.read_text())
+    recorded = json.loads(manifest.read_text()) if manifest.is_file() else None
+    # What a server loading this directory encodes with: the manifest's, else the default.
+    info["encoding"] = encoding.spec_for_model(path, tok).to_dict()
+    info["encoding_source"] = (
+        "manifest" if recorded and recorded.get("encoding") is not None else "default"
+    )
+    if recorded is not None:
+        info["manifest"] = recorded
     return info
 
 

@@ -133,3 +133,19 @@ def test_a_published_model_loads_like_any_model_directory(tmp_path: Path) -> Non
     model, tok = models.load_policy(path)
     assert tok.eos_token_id == 258 and not model.training
     assert models.describe(path)["manifest"] == json.loads((path / "manifest.json").read_text())
+
+
+def test_manifest_records_the_encoding_and_reads_old_manifests_without_it(tmp_path: Path) -> None:
+    spec = {"chat_template": True, "max_prompt_tokens": 32, "max_response_tokens": 16,
+            "truncation_side": "left", "append_eos": True}  # fmt: skip
+    m = _publish(tmp_path, encoding=spec)
+    path = tmp_path / "policy" / m.version
+    assert checkpoint.verify(path).encoding == spec
+    assert json.loads((path / checkpoint.MANIFEST).read_text())["encoding"] == spec
+    # A manifest written before the field existed still reads, with no recorded encoding.
+    old = json.loads((path / checkpoint.MANIFEST).read_text())
+    del old["encoding"]
+    assert checkpoint.Manifest.from_json(json.dumps(old)).encoding is None
+    del old["files"]
+    with pytest.raises(CheckpointError, match="lacks"):
+        checkpoint.Manifest.from_json(json.dumps(old))

@@ -16,6 +16,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
+from rlhf.encoding import EncodingSpec
 from rlhf.kafka_local import free_port
 from rlhf.models import build_tiny, load_reward_model, reward_model_from_policy, score
 from rlhf.v1 import reward_pb2, reward_pb2_grpc
@@ -30,6 +31,7 @@ from services.reward.server import RewardServer
 
 INFER = [("authorization", "Bearer rm-infer")]
 BIAS = 0.25
+SPEC = EncodingSpec()  # the default for a model directory without a manifest
 
 
 @pytest.fixture(scope="module")
@@ -84,11 +86,11 @@ def test_scores_match_training_encoding(stub, rm_dir: Path) -> None:
     )
     assert reply.model_version == "rm-v7"
     model, tok = load_reward_model(rm_dir)
-    want = score(model, tok, ["question?"] * len(responses), responses)
+    want = score(model, tok, SPEC, ["question?"] * len(responses), responses)
     torch.testing.assert_close(torch.tensor(list(reply.rewards)), want, atol=1e-5, rtol=1e-5)
     assert len(set(reply.rewards)) == len(responses)
     # The normalised reward is the raw score plus the saved bias.
-    raw = score(model, tok, ["question?"], responses[:1]) - model.bias
+    raw = score(model, tok, SPEC, ["question?"], responses[:1]) - model.bias
     assert reply.rewards[0] == pytest.approx(float(raw[0]) + BIAS, abs=1e-5)
 
 
@@ -103,7 +105,7 @@ def test_concurrent_requests_are_batched_and_correct(
     futures = [stub.Score.future(r, metadata=INFER, timeout=30) for r in requests]
     for request, future in zip(requests, futures, strict=True):
         got = torch.tensor(list(future.result().rewards))
-        want = score(model, tok, [request.prompt] * 2, list(request.responses))
+        want = score(model, tok, SPEC, [request.prompt] * 2, list(request.responses))
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert server.scorer is not None
     assert server.scorer.metrics.scored._value.get() >= 24

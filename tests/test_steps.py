@@ -1,15 +1,18 @@
-"""The SFT, RM and PPO-ptx steps on the tiny model (CPU, seeded, fast)."""
+"""The SFT, RM and PPO-ptx steps on the tiny models of both families (CPU, seeded, fast)."""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from rlhf import models
+from rlhf import encoding, models
+from rlhf.encoding import EncodingSpec
 from trainer import losses
 from trainer.ppo import Rollout, ema_update, ppo_step, rollout, value_model_from_rm
 from trainer.rm import RankBatch, encode_rankings, fit_bias, rm_eval, rm_step
@@ -18,11 +21,20 @@ from trainer.sft import sft_eval, sft_step
 PROMPTS = ["say hi", "count: 1 2", "name a colour", "what is up"]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("models")
-    models.init_models(models.InitConfig(out=str(out), seed=0))
-    return out
+@dataclass(frozen=True)
+class Tiny:
+    path: Path
+    spec: EncodingSpec  # chat template on for the BPE family
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+
+@pytest.fixture(scope="module", params=["byte", "bpe"])
+def tiny(request: pytest.FixtureRequest, family_models: Callable[[str], Path]) -> Tiny:
+    path = family_models(request.param)
+    tok = models.load_tokenizer(path / "policy")
+    return Tiny(path, EncodingSpec.for_tokenizer(tok, max_prompt_tokens=64, max_response_tokens=64))
 
 
 @pytest.fixture(autouse=True)
@@ -34,30 +46,32 @@ def _adam(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
 
 
-def test_sft_step_reduces_response_cross_entropy(tiny: Path) -> None:
+def test_sft_step_reduces_response_cross_entropy(tiny: Tiny) -> None:
     policy, tok = models.load_policy(tiny / "policy")
-    batch = models.encode_pairs(tok, PROMPTS, ["hi!", "3 4 5", "blue", "not much"])
-    ptx = models.encode_texts(tok, ["the quick brown fox jumps over the lazy dog"], 32)
+    responses = ["hi!", "3 4 5", "blue", "not much"]
+    batch = encoding.encode_pairs(tok, tiny.spec, PROMPTS, responses)
+    ptx = encoding.encode_texts(tok, ["the quick brown fox jumps over the lazy dog"], 32)
     before = sft_eval(policy, batch)
     opt = _adam(list(policy.parameters()), 3e-3)
     stats = [sft_step(policy, opt, batch, ptx=ptx, ptx_coef=0.5) for _ in range(8)]
     after = sft_eval(policy, batch)
     assert before == pytest.approx(stats[0].loss, rel=1e-5)
     assert after < before - 0.5, (before, after)
-    assert stats[0].tokens == 4 + 6 + 5 + 9  # response bytes + EOS
+    # Response tokens + EOS (the byte family: 4 + 6 + 5 + 9).
+    assert stats[0].tokens == sum(len(encoding.response_ids(tok, tiny.spec, r)) for r in responses)
     assert stats[0].ptx_loss > 0 and not policy.training
 
 
-def _toy_rankings(tok: PreTrainedTokenizerBase) -> RankBatch:
+def _toy_rankings(tok: PreTrainedTokenizerBase, spec: EncodingSpec) -> RankBatch:
     # The hidden preference: more exclamation marks is better; K = 3, 2 and 4 (with a tie).
     responses = [["ok!!!", "ok!", "ok"], ["sure", "sure!!"], ["a!!", "b!!", "c", "d!!!!"]]
     ranks = [[1, 2, 3], [2, 1], [2, 2, 3, 1]]
-    return encode_rankings(tok, PROMPTS[:3], responses, ranks)
+    return encode_rankings(tok, spec, PROMPTS[:3], responses, ranks)
 
 
-def test_rm_step_reduces_the_ranking_loss(tiny: Path) -> None:
+def test_rm_step_reduces_the_ranking_loss(tiny: Tiny) -> None:
     rm, tok = models.load_reward_model(tiny / "reward")
-    batch = _toy_rankings(tok)
+    batch = _toy_rankings(tok, tiny.spec)
     # Each response is forwarded once: 3 + 2 + 4 rows, in a (3, 4) grid.
     assert batch.input_ids.shape[0] == 9 and batch.mask.tolist() == [
         [1, 1, 1, 0],
@@ -76,22 +90,22 @@ def test_rm_step_reduces_the_ranking_loss(tiny: Path) -> None:
     assert last.loss < 0.4 and last.accuracy == 1.0, last
 
 
-def test_fit_bias_makes_demonstrations_average_zero(tiny: Path) -> None:
+def test_fit_bias_makes_demonstrations_average_zero(tiny: Tiny) -> None:
     rm, tok = models.load_reward_model(tiny / "reward")
     with torch.no_grad():
         rm.head.weight.normal_()
         rm.head.bias.fill_(3.0)
     demos = ["hi!", "3 4 5", "blue", "not much"]
-    bias = fit_bias(rm, tok, PROMPTS, demos, batch_size=3)  # two batches
+    bias = fit_bias(rm, tok, tiny.spec, PROMPTS, demos, batch_size=3)  # two batches
     assert bias == pytest.approx(float(rm.bias))
-    assert abs(float(models.score(rm, tok, PROMPTS, demos).mean())) < 1e-5
+    assert abs(float(models.score(rm, tok, tiny.spec, PROMPTS, demos).mean())) < 1e-5
     # Raw rewards are untouched: the bias alone does the normalisation.
-    batch = models.encode_pairs(tok, PROMPTS, demos)
+    batch = encoding.encode_pairs(tok, tiny.spec, PROMPTS, demos)
     raw = rm.raw(batch.input_ids, batch.attention_mask)
     assert raw.mean().item() == pytest.approx(-bias, abs=1e-5)
 
 
-def _ppo_setup(tiny: Path) -> tuple:
+def _ppo_setup(tiny: Tiny) -> tuple:
     policy, tok = models.load_policy(tiny / "policy")
     ref, _ = models.load_policy(tiny / "policy")
     ref.requires_grad_(False)
@@ -102,9 +116,9 @@ def _ppo_setup(tiny: Path) -> tuple:
     return policy, ref, rm, value, tok
 
 
-def test_rollout_scores_episodes_consistently(tiny: Path) -> None:
+def test_rollout_scores_episodes_consistently(tiny: Tiny) -> None:
     policy, ref, rm, value, tok = _ppo_setup(tiny)
-    ro = rollout(policy, ref, value, rm, tok, PROMPTS, beta=0.1, max_new_tokens=6)
+    ro = rollout(policy, ref, value, rm, tok, tiny.spec, PROMPTS, beta=0.1, max_new_tokens=6)
     assert len(ro) == 4 and len(ro.responses) == 4
     n_actions = ro.action_mask.sum(dim=1)
     assert ((n_actions >= 1) & (n_actions <= 6)).all()
@@ -129,10 +143,10 @@ def test_rollout_scores_episodes_consistently(tiny: Path) -> None:
         assert bool(ro.ended[i]) or int(n_actions[i]) == 6
 
 
-def test_ppo_step_runs_and_starts_on_policy(tiny: Path) -> None:
+def test_ppo_step_runs_and_starts_on_policy(tiny: Tiny) -> None:
     policy, ref, rm, value, tok = _ppo_setup(tiny)
-    ro = rollout(policy, ref, value, rm, tok, PROMPTS, beta=0.02, max_new_tokens=8)
-    ptx = models.encode_texts(tok, ["some pretraining text.", "more of it, longer."], 24)
+    ro = rollout(policy, ref, value, rm, tok, tiny.spec, PROMPTS, beta=0.02, max_new_tokens=8)
+    ptx = encoding.encode_texts(tok, ["some pretraining text.", "more of it, longer."], 24)
     opt = _adam([*policy.parameters(), *value.parameters()], 1e-3)
     ema = copy.deepcopy(policy)
     mbs = list(ro.minibatches(2, torch.Generator().manual_seed(0)))
@@ -148,10 +162,12 @@ def test_ppo_step_runs_and_starts_on_policy(tiny: Path) -> None:
     assert torch.allclose(p_ema, 0.992 * p0 + 0.008 * p_new, atol=1e-6)
 
 
-def test_ppo_and_ptx_gradients_are_accumulated_into_one_step(tiny: Path) -> None:
+def test_ppo_and_ptx_gradients_are_accumulated_into_one_step(tiny: Tiny) -> None:
     policy, ref, rm, value, tok = _ppo_setup(tiny)
-    ro: Rollout = rollout(policy, ref, value, rm, tok, PROMPTS, beta=0.02, max_new_tokens=6)
-    ptx_ids, ptx_mask = models.encode_texts(tok, ["pretraining text", "more"], 16)
+    ro: Rollout = rollout(
+        policy, ref, value, rm, tok, tiny.spec, PROMPTS, beta=0.02, max_new_tokens=6
+    )
+    ptx_ids, ptx_mask = encoding.encode_texts(tok, ["pretraining text", "more"], 16)
     gamma_ptx, vf_coef = 3.0, 0.5
 
     # The gradients of each pass, computed separately on copies.
@@ -185,33 +201,9 @@ def test_ppo_and_ptx_gradients_are_accumulated_into_one_step(tiny: Path) -> None
         assert torch.allclose(v0 - v1, expected, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.gpu
-def test_steps_on_cuda_with_bf16_autocast(tiny: Path) -> None:
-    policy, tok = models.load_policy(tiny / "policy", device="cuda", dtype=torch.float32)
-    ref, _ = models.load_policy(tiny / "policy", device="cuda", dtype=torch.float32)
-    rm, _ = models.load_reward_model(tiny / "reward", device="cuda", dtype=torch.float32)
-    value = value_model_from_rm(rm)
-    batch = _toy_rankings(tok)
-    stats = rm_step(rm, _adam(list(rm.parameters()), 1e-3), batch)
-    assert stats.pairs == 9
-    sft = sft_step(
-        policy, _adam(list(policy.parameters()), 1e-3), models.encode_pairs(tok, PROMPTS, PROMPTS)
-    )
-    assert sft.loss > 0
-    ro = rollout(policy, ref, value, rm, tok, PROMPTS, beta=0.02, max_new_tokens=8)
-    ptx = models.encode_texts(tok, ["pretraining text"], 16)
-    ppo = ppo_step(
-        policy,
-        value,
-        _adam([*policy.parameters(), *value.parameters()], 1e-4),
-        ro,
-        ptx=ptx,
-        gamma_ptx=1.0,
-    )
-    assert torch.isfinite(torch.tensor(ppo.policy_loss)) and ppo.ptx_loss > 0
-
-
-def test_ppo_raises_the_reward_it_is_trained_on(tiny: Path) -> None:
+def test_ppo_raises_the_reward_it_is_trained_on(family_models: Callable[[str], Path]) -> None:
+    # The byte family: its 259-token vocabulary learns a preference within 8 tiny steps.
+    tiny = Tiny(family_models("byte"), EncodingSpec(max_prompt_tokens=64, max_response_tokens=64))
     policy, ref, rm, value, tok = _ppo_setup(tiny)
     with torch.no_grad():
         rm.head.weight.normal_(std=0.1)
@@ -222,12 +214,14 @@ def test_ppo_raises_the_reward_it_is_trained_on(tiny: Path) -> None:
     def mean_reward() -> float:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(123)
-            ro = rollout(policy, ref, value, rm, tok, prompts * 4, beta=0.02, max_new_tokens=8)
+            ro = rollout(
+                policy, ref, value, rm, tok, tiny.spec, prompts * 4, beta=0.02, max_new_tokens=8
+            )
         return ro.rm_score.mean().item()
 
     before = mean_reward()
     for _ in range(8):
-        ro = rollout(policy, ref, value, rm, tok, prompts, beta=0.02, max_new_tokens=8)
+        ro = rollout(policy, ref, value, rm, tok, tiny.spec, prompts, beta=0.02, max_new_tokens=8)
         for mb in ro.minibatches(8):
             ppo_step(policy, value, opt, mb)
     after = mean_reward()

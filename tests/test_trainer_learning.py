@@ -30,7 +30,7 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from rlhf import bus, checkpoint, models
+from rlhf import bus, checkpoint, encoding, models
 from rlhf.v1 import events_pb2
 from trainer import evaluate
 from trainer.config import (
@@ -210,9 +210,11 @@ def test_ppo_ptx_raises_reward_and_the_hidden_property_within_the_kl_budget(worl
     sft, _ = models.load_policy(world["sft_dir"])
     tuned, _ = models.load_policy(ppo_dir)
     held_out = [p for p, user, _ in world["batches"] if user in world["held_out"]][:128]
-    kwargs = dict(max_new_tokens=32, max_prompt_tokens=64, temperature=1.0, seed=11)
-    before = evaluate.sample_and_score(sft, sft, rm, tok, held_out, **kwargs)
-    after = evaluate.sample_and_score(tuned, sft, rm, tok, held_out, **kwargs)
+    spec = encoding.spec_for_model(ppo_dir, tok)  # what the trainer recorded
+    assert spec == cfg.encoding.spec(chat_template=False)
+    kwargs = dict(max_new_tokens=32, temperature=1.0, seed=11)
+    before = evaluate.sample_and_score(sft, sft, rm, tok, spec, held_out, **kwargs)
+    after = evaluate.sample_and_score(tuned, sft, rm, tok, spec, held_out, **kwargs)
     reward_before = sum(before.rewards) / len(before.rewards)
     reward_after = sum(after.rewards) / len(after.rewards)
     kl = sum(after.kl) / len(after.kl)

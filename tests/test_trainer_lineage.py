@@ -14,7 +14,7 @@ import torch
 from prometheus_client import CollectorRegistry
 from safetensors.torch import load_file
 
-from rlhf import bus, checkpoint, models
+from rlhf import bus, checkpoint, encoding, models
 from rlhf.v1 import events_pb2
 from trainer import evaluate
 from trainer import state as state_lib
@@ -151,10 +151,10 @@ def test_ppo_lineages_keep_a_fixed_reference_and_carry_the_trainer_state(kafka, 
     prompts = [p.prompt for p in second.reader.data.prompts["val"]][-cfg.gates.eval_prompts :]
     tuned, tok = models.load_policy(registry / "policy" / ppo2.version)
     rm, _ = load_rm(registry, cfg.base_model, "cpu")
-    kwargs = dict(max_new_tokens=cfg.ppo.max_new_tokens, max_prompt_tokens=cfg.ppo.max_prompt_len,
-                  temperature=1.0, seed=cfg.seed)  # fmt: skip
+    kwargs = dict(max_new_tokens=cfg.ppo.max_new_tokens, temperature=1.0, seed=cfg.seed)
     ref_policy = models.load_policy(registry / "policy" / sft.version)[0]
-    to_reference = evaluate.sample_and_score(tuned, ref_policy, rm, tok, prompts, **kwargs)
+    spec = encoding.spec_for_model(registry / "policy" / ppo2.version, tok)
+    to_reference = evaluate.sample_and_score(tuned, ref_policy, rm, tok, spec, prompts, **kwargs)
     assert ppo2.metrics["val_kl"] == pytest.approx(sum(to_reference.kl) / len(prompts), abs=1e-4)
 
     # New demonstrations: the SFT round continues the reference, never the PPO output, and

@@ -1,25 +1,30 @@
 """Rollouts sample exactly from the distribution PPO trains on, and a response cut by the
-length limit is treated as configured (tiny model, CPU, seeded)."""
+length limit is treated as configured (tiny models of both families, CPU, seeded)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-from rlhf import models
+from rlhf import encoding, models
+from rlhf.encoding import EncodingSpec
 from trainer import losses
 from trainer.ppo import ppo_step, rollout, sample, value_model_from_rm
 
 PROMPTS = ["say hi", "count: 1 2 3 4", "name a colour", "?"]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("models")
-    models.init_models(models.InitConfig(out=str(out), seed=0))
-    return out
+@pytest.fixture(scope="module", params=["byte", "bpe"])
+def tiny(request: pytest.FixtureRequest, family_models: Callable[[str], Path]) -> Path:
+    return family_models(request.param)
+
+
+def _spec(tok: object) -> EncodingSpec:
+    """The family's own encoding: the BPE family's prompts go through its chat template."""
+    return EncodingSpec.for_tokenizer(tok, max_prompt_tokens=64, max_response_tokens=64)  # type: ignore[arg-type]
 
 
 def _setup(tiny: Path, sharpen: float = 1.0) -> tuple:
@@ -38,7 +43,7 @@ def test_the_sampler_follows_the_full_forward_pass_on_left_padded_prompts(tiny):
     # a plain full forward pass over prompt + response, so the cached, left-padded loop
     # sees the same positions and context as the scoring pass.
     policy, _, _, _, tok = _setup(tiny, sharpen=4.0)
-    ids, mask = models.encode_prompts(tok, PROMPTS, 64)
+    ids, mask = encoding.encode_prompts(tok, _spec(tok), PROMPTS)
     cut = sample(policy, ids, mask, max_new_tokens=8, eos={tok.eos_token_id}, temperature=1e-4,
                  generator=torch.Generator().manual_seed(0))  # fmt: skip
     for i, (tokens, _) in enumerate(cut):
@@ -57,7 +62,7 @@ def test_rollouts_ignore_the_models_generation_config(tiny):
     policy, ref, rm, value, tok = _setup(tiny)
     policy.generation_config.repetition_penalty = 1e9
     policy.generation_config.no_repeat_ngram_size = 1
-    ro = rollout(policy, ref, value, rm, tok, PROMPTS * 4, beta=0.0, max_new_tokens=24,
+    ro = rollout(policy, ref, value, rm, tok, _spec(tok), PROMPTS * 4, beta=0.0, max_new_tokens=24,
                  generator=torch.Generator().manual_seed(0))  # fmt: skip
     repeats = 0
     for row, am in zip(ro.input_ids, ro.action_mask, strict=True):
@@ -71,7 +76,7 @@ def test_rollout_logprobs_are_those_of_the_sampling_distribution(tiny, temperatu
     # For tokens drawn from p, E[log p(token)] = -H(p). Stored log-probs from a different
     # distribution than the one sampled (raw logits while sampling at T = 0.5) break this.
     policy, ref, rm, value, tok = _setup(tiny, sharpen=6.0)
-    ro = rollout(policy, ref, value, rm, tok, PROMPTS * 32, beta=0.0, max_new_tokens=8,
+    ro = rollout(policy, ref, value, rm, tok, _spec(tok), PROMPTS * 32, beta=0.0, max_new_tokens=8,
                  temperature=temperature, generator=torch.Generator().manual_seed(0))  # fmt: skip
     with torch.no_grad():
         logits = policy(input_ids=ro.input_ids, attention_mask=ro.attention_mask).logits
@@ -89,9 +94,9 @@ def test_rollout_logprobs_are_those_of_the_sampling_distribution(tiny, temperatu
 def test_a_response_cut_by_the_length_limit_pays_the_missing_eos_penalty(tiny):
     policy, ref, rm, value, tok = _setup(tiny)
     kwargs = dict(beta=0.0, max_new_tokens=6, whiten_advantages=False)
-    plain = rollout(policy, ref, value, rm, tok, PROMPTS * 8, **kwargs,
+    plain = rollout(policy, ref, value, rm, tok, _spec(tok), PROMPTS * 8, **kwargs,
                     generator=torch.Generator().manual_seed(0))  # fmt: skip
-    penalised = rollout(policy, ref, value, rm, tok, PROMPTS * 8, **kwargs, missing_eos_penalty=2.5,
+    penalised = rollout(policy, ref, value, rm, tok, _spec(tok), PROMPTS * 8, **kwargs, missing_eos_penalty=2.5,
                         generator=torch.Generator().manual_seed(0))  # fmt: skip
     assert torch.equal(plain.input_ids, penalised.input_ids)  # same samples
     assert (~penalised.ended).any()

@@ -12,7 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from transformers import PreTrainedTokenizerBase
+
 from rlhf.config import option, section
+from rlhf.encoding import EncodingSpec, has_chat_template
 
 _DEVICES = ("auto", "cpu", "cuda")
 
@@ -40,13 +43,12 @@ class SFTConfig:
     lr_final_ratio: float = option(0.1, "cosine decay ends at this fraction of lr (paper: 10%)")
     epochs: int = option(4, "passes over each round's new demonstrations (paper: 16)")
     batch_size: int = option(16, "demonstrations per optimizer step")
-    max_len: int = option(128, "longest prompt+response in tokens; longer ones are cut on the left")
     ptx_coef: float = option(0.0, "weight of a pretraining LM loss mixed into SFT steps (0: off)")
     adam_betas: tuple[float, ...] = option((0.9, 0.95), "Adam beta1, beta2 (paper: 0.9, 0.95)")
     weight_decay: float = option(0.0, "AdamW weight decay")
 
     def __post_init__(self) -> None:
-        _positive(lr=self.lr, epochs=self.epochs, batch_size=self.batch_size, max_len=self.max_len)
+        _positive(lr=self.lr, epochs=self.epochs, batch_size=self.batch_size)
         _fraction(lr_final_ratio=self.lr_final_ratio)
         _betas("sft.adam_betas", self.adam_betas)
         if self.ptx_coef < 0:
@@ -64,7 +66,6 @@ class RMConfig:
         8,
         "ranked prompts per optimizer step, all C(K,2) pairs of one prompt in one element (paper: 64)",
     )
-    max_len: int = option(128, "longest prompt+response in tokens")
     adam_betas: tuple[float, ...] = option((0.9, 0.95), "Adam beta1, beta2")
     weight_decay: float = option(0.0, "AdamW weight decay")
     fit_bias: bool = option(
@@ -72,9 +73,7 @@ class RMConfig:
     )
 
     def __post_init__(self) -> None:
-        _positive(
-            lr=self.lr, epochs=self.epochs, batch_prompts=self.batch_prompts, max_len=self.max_len
-        )
+        _positive(lr=self.lr, epochs=self.epochs, batch_prompts=self.batch_prompts)
         _fraction(lr_final_ratio=self.lr_final_ratio)
         _betas("rm.adam_betas", self.adam_betas)
 
@@ -118,8 +117,9 @@ class PPOConfig:
         "subtracted from the RM score of a rollout cut by max_new_tokens (no EOS; the RM only "
         "ever learnt from ended responses); 0: off (the paper does not say)",
     )
-    max_new_tokens: int = option(32, "response length limit of rollouts")
-    max_prompt_len: int = option(64, "prompt tokens kept (from the right)")
+    max_new_tokens: int = option(
+        32, "response length limit of rollouts (at most encoding.max_response_tokens)"
+    )
     ptx_seq_len: int = option(64, "tokens per pretraining example")
 
     def __post_init__(self) -> None:
@@ -132,7 +132,6 @@ class PPOConfig:
             clip=self.clip,
             temperature=self.temperature,
             max_new_tokens=self.max_new_tokens,
-            max_prompt_len=self.max_prompt_len,
             ptx_seq_len=self.ptx_seq_len,
         )
         _betas("ppo.adam_betas", self.adam_betas)
@@ -145,6 +144,48 @@ class PPOConfig:
             )
         if self.minibatch_size > self.episodes:
             raise ValueError("ppo.minibatch_size must be <= ppo.episodes")
+
+
+@dataclass(frozen=True)
+class EncodingConfig:
+    """The one encoding of every SFT, RM and PPO-ptx example and gate (``rlhf.encoding``),
+    written into each published checkpoint's manifest so servers encode as training did."""
+
+    chat_template: str = option(
+        "auto",
+        "render prompts and conversations with the model's chat template: auto (when its "
+        "tokenizer has one), on, off",
+    )
+    max_prompt_tokens: int = option(64, "longest prompt in tokens after rendering")
+    max_response_tokens: int = option(128, "longest response in tokens, EOS included")
+    truncation_side: str = option(
+        "left", "a longer prompt loses its beginning (left: keeps the end) or its end (right)"
+    )
+
+    def __post_init__(self) -> None:
+        if self.chat_template not in ("auto", "on", "off"):
+            raise ValueError(
+                f"encoding.chat_template must be auto, on or off, got {self.chat_template!r}"
+            )
+        # EncodingSpec validates the rest, with the same names.
+        self.spec(chat_template=False)
+
+    def spec(self, *, chat_template: bool) -> EncodingSpec:
+        return EncodingSpec(
+            chat_template=chat_template,
+            max_prompt_tokens=self.max_prompt_tokens,
+            max_response_tokens=self.max_response_tokens,
+            truncation_side=self.truncation_side,
+        )
+
+    def resolve(self, tok: PreTrainedTokenizerBase) -> EncodingSpec:
+        """The spec for a model with tokenizer ``tok`` (``auto`` follows its chat template)."""
+        chat = has_chat_template(tok)
+        if self.chat_template == "on" and not chat:
+            raise ValueError("encoding.chat_template is on but the model's tokenizer has none")
+        return self.spec(
+            chat_template=chat if self.chat_template == "auto" else self.chat_template == "on"
+        )
 
 
 @dataclass(frozen=True)
@@ -284,12 +325,21 @@ class TrainerConfig:
     ptx_holdout_fraction: float = option(
         0.1, "tail fraction of the corpus kept out of training for the pretraining-loss gate"
     )
-    device: str = option("auto", "auto | cpu | cuda (cuda uses bf16 autocast)")
+    device: str = option(
+        "auto", "auto | cpu | cuda (fp32 master weights and optimizer state, bf16 autocast on cuda)"
+    )
+    publish_dtype: str = option(
+        "auto",
+        "dtype of published weights: auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16",
+    )
     torch_threads: int = option(0, "torch CPU threads (0: torch default)")
     seed: int = option(0, "seed of all samplers and initialisations")
     metrics_port: int = option(9400, "port of the /metrics endpoint (0: no endpoint)")
     progress: str = option("auto", "progress bars: auto (when stderr is a terminal) | on | off")
     log_level: str = option("INFO", "logging level")
+    encoding: EncodingConfig = section(
+        EncodingConfig, "how examples become token ids (recorded in every manifest)"
+    )
     sft: SFTConfig = section(SFTConfig, "supervised fine-tuning rounds")
     rm: RMConfig = section(RMConfig, "reward model rounds")
     ppo: PPOConfig = section(PPOConfig, "PPO-ptx rounds")
@@ -306,3 +356,12 @@ class TrainerConfig:
             raise ValueError("ptx_holdout_fraction must be in (0, 1)")
         if self.torch_threads < 0 or not 0 <= self.metrics_port < 65536:
             raise ValueError("torch_threads must be >= 0 and metrics_port a port number")
+        if self.publish_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(
+                f"publish_dtype must be auto, float32 or bfloat16, got {self.publish_dtype!r}"
+            )
+        if self.ppo.max_new_tokens > self.encoding.max_response_tokens:
+            raise ValueError(
+                f"ppo.max_new_tokens ({self.ppo.max_new_tokens}) must be at most "
+                f"encoding.max_response_tokens ({self.encoding.max_response_tokens})"
+            )

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhf import models
+from rlhf import encoding, models
+from rlhf.encoding import EncodingSpec, Prompt
 from rlhf.models import RewardModel
 from trainer import losses, ppo
 from trainer import rm as rm_steps
@@ -22,17 +23,11 @@ from trainer.data import Comparison, Demonstration
 from trainer.gates import PolicyEval, RMEval, WinRate
 
 
-@dataclass(frozen=True)
-class Lengths:
-    max_prompt_tokens: int
-    max_response_tokens: int
-
-
 def rm_accuracy(
     rm: RewardModel,
     tok: PreTrainedTokenizerBase,
+    spec: EncodingSpec,
     comparisons: Sequence[Comparison],
-    lengths: Lengths,
     batch_prompts: int = 16,
 ) -> RMEval:
     """Pairwise accuracy over all untied pairs of ``comparisons`` (ties in reward count half)."""
@@ -41,11 +36,10 @@ def rm_accuracy(
         chunk = comparisons[i : i + batch_prompts]
         batch = rm_steps.encode_rankings(
             tok,
+            spec,
             [c.prompt for c in chunk],
             [list(c.responses) for c in chunk],
             [list(c.ranks) for c in chunk],
-            lengths.max_prompt_tokens,
-            lengths.max_response_tokens,
         )
         stats = rm_steps.rm_eval(rm, batch)
         correct += stats.accuracy * stats.pairs
@@ -60,7 +54,7 @@ def ptx_loss(
     """Mean LM loss (nats/token) on held-out pretraining text."""
     if not texts:
         return None
-    ids, mask = models.encode_texts(tok, texts, max_tokens)
+    ids, mask = encoding.encode_texts(tok, texts, max_tokens)
     ids, mask = ids.to(policy.device), mask.to(policy.device)
     with models.autocast(policy.device):
         logits = policy(input_ids=ids, attention_mask=mask).logits
@@ -70,8 +64,8 @@ def ptx_loss(
 def sft_loss(
     policy: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
+    spec: EncodingSpec,
     demos: Sequence[Demonstration],
-    lengths: Lengths,
     batch_size: int = 32,
 ) -> float | None:
     """Mean response-token CE on held-out demonstrations (batch means, averaged)."""
@@ -80,12 +74,8 @@ def sft_loss(
     values = []
     for i in range(0, len(demos), batch_size):
         chunk = demos[i : i + batch_size]
-        batch = models.encode_pairs(
-            tok,
-            [d.prompt for d in chunk],
-            [d.response for d in chunk],
-            lengths.max_prompt_tokens,
-            lengths.max_response_tokens,
+        batch = encoding.encode_pairs(
+            tok, spec, [d.prompt for d in chunk], [d.response for d in chunk]
         )
         values.append(sft_steps.sft_eval(policy, batch) * len(chunk))
     return sum(values) / len(demos)
@@ -95,7 +85,7 @@ def sft_loss(
 class Samples:
     """What a policy answered on the evaluation prompts, and how it scored."""
 
-    prompts: list[str]
+    prompts: list[Prompt]
     responses: list[str]
     rewards: list[float]
     kl: list[float]
@@ -107,10 +97,10 @@ def sample_and_score(
     reference: PreTrainedModel,
     rm: RewardModel,
     tok: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
+    spec: EncodingSpec,
+    prompts: Sequence[Prompt],
     *,
     max_new_tokens: int,
-    max_prompt_tokens: int,
     temperature: float,
     seed: int,
     batch_size: int = 64,
@@ -130,10 +120,10 @@ def sample_and_score(
             rm,
             rm,
             tok,
+            spec,
             list(prompts[i : i + batch_size]),
             beta=0.0,
             max_new_tokens=max_new_tokens,
-            max_prompt_tokens=max_prompt_tokens,
             temperature=temperature,
             whiten_advantages=False,
             generator=generator,
@@ -161,11 +151,11 @@ def policy_eval(
     reference: PreTrainedModel,
     rm: RewardModel | None,
     tok: PreTrainedTokenizerBase,
+    spec: EncodingSpec,
     *,
-    prompts: Sequence[str],
+    prompts: Sequence[Prompt],
     ptx_texts: Sequence[str],
     demos: Sequence[Demonstration],
-    lengths: Lengths,
     max_new_tokens: int,
     temperature: float,
     ptx_tokens: int,
@@ -178,9 +168,9 @@ def policy_eval(
             reference,
             rm,
             tok,
+            spec,
             prompts,
             max_new_tokens=max_new_tokens,
-            max_prompt_tokens=lengths.max_prompt_tokens,
             temperature=temperature,
             seed=seed,
         )
@@ -188,7 +178,7 @@ def policy_eval(
         mean_reward=sum(samples.rewards) / len(samples.rewards) if samples else None,
         kl=sum(samples.kl) / len(samples.kl) if samples else None,
         ptx_loss=ptx_loss(policy, tok, ptx_texts, ptx_tokens),
-        sft_loss=sft_loss(policy, tok, demos, lengths),
+        sft_loss=sft_loss(policy, tok, spec, demos),
         prompts=len(prompts) if samples else 0,
     )
     return result, samples

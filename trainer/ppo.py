@@ -1,9 +1,10 @@
 """Step 3 of InstructGPT: PPO-ptx against the reward model, per-token KL to the SFT policy.
 
-    rollout(policy, ref_policy, value_model, reward_model, tok, prompts, *, beta,
-            max_new_tokens=32, max_prompt_tokens=64, temperature=1.0, gamma=1.0, lam=0.95,
+    rollout(policy, ref_policy, value_model, reward_model, tok, spec, prompts, *, beta,
+            max_new_tokens=32, temperature=1.0, gamma=1.0, lam=0.95,
             whiten_advantages=True, missing_eos_penalty=0.0, generator=None) -> Rollout
-        Samples one response per prompt from the current policy (`sample`: exactly
+        Samples one response per prompt (rendered and truncated by `rlhf.encoding` under
+        `spec`, as the policy server does) from the current policy (`sample`: exactly
         softmax(logits / temperature), temperature 1 in the paper), then scores it: behaviour
         and reference log-probs of that same distribution, values, the RM's normalised
         reward, the KL-penalised per-token rewards r(x,y) - missing_eos_penalty (when cut by
@@ -23,8 +24,8 @@ Choices: the value network is a separate copy of the reward model (the paper ini
 value function from the RM); V at position i is its head output at i plus the RM bias, i.e.
 it starts as the RM's own score of each prefix. `optimizer` holds the parameters of both the
 policy and the value network (e.g. one AdamW, betas (0.9, 0.95)). The reference policy is the
-frozen SFT model, loaded with the policy's dtype (on CUDA: fp32 weights for both, under
-autocast; a bf16 reference next to an fp32 policy shows rounding as KL). Models stay in eval
+frozen SFT model, loaded with the policy's dtype (fp32 weights for both, under bf16
+autocast on CUDA; a bf16 reference next to an fp32 policy would show rounding as KL). Models stay in eval
 mode (no dropout), so a rollout's log-probs are exactly the ones PPO's ratio starts from. On
 CUDA the forwards run under bf16 autocast.
 """
@@ -39,7 +40,8 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhf import models
+from rlhf import encoding, models
+from rlhf.encoding import EncodingSpec, Prompt
 from rlhf.models import RewardModel
 from trainer import losses
 
@@ -48,7 +50,7 @@ from trainer import losses
 class Rollout:
     """Scored episodes. Per-token tensors are action aligned (B, T-1): index i is token i+1."""
 
-    prompts: list[str]
+    prompts: list[Prompt]
     responses: list[str]
     input_ids: Tensor  # (B, T) prompt + response, right-padded
     attention_mask: Tensor  # (B, T)
@@ -187,11 +189,11 @@ def rollout(
     value_model: RewardModel,
     reward_model: RewardModel,
     tok: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
+    spec: EncodingSpec,
+    prompts: Sequence[Prompt],
     *,
     beta: float,
     max_new_tokens: int = 32,
-    max_prompt_tokens: int = 64,
     temperature: float = 1.0,
     gamma: float = 1.0,
     lam: float = 0.95,
@@ -200,11 +202,11 @@ def rollout(
     generator: torch.Generator | None = None,
 ) -> Rollout:
     device = policy.device
-    ids, mask = models.encode_prompts(tok, prompts, max_prompt_tokens)
+    ids, mask = encoding.encode_prompts(tok, spec, prompts)
     cut = sample(policy, ids, mask, max_new_tokens=max_new_tokens, eos=eos_ids(policy, tok),
                  temperature=temperature, generator=generator)  # fmt: skip
     prompt_ids = [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
-    batch = models.join_pairs(prompt_ids, [c[0] for c in cut], tok.pad_token_id).to(device)
+    batch = encoding.join_pairs(prompt_ids, [c[0] for c in cut], tok.pad_token_id).to(device)
     ids, mask, action_mask = batch.input_ids, batch.attention_mask, batch.response_mask[:, 1:]
     ended = torch.tensor([c[1] for c in cut], device=device)
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from rlhf import models
+from rlhf import encoding, models
+from rlhf.encoding import Prompt
 from trainer import evaluate, losses, ppo
 from trainer import registry as registry_lib
 from trainer import state as state_lib
@@ -50,7 +51,7 @@ def kl_controller(c: PPOConfig, beta: float | None = None) -> KLController:
 
 
 def run_ppo_round(
-    ctx: RoundContext, pool: Sequence[str], *, val_prompts: Sequence[str]
+    ctx: RoundContext, pool: Sequence[Prompt], *, val_prompts: Sequence[Prompt]
 ) -> Candidate:
     """``pool``: train prompts to roll out on; ``val_prompts``: what the gates evaluate on."""
     cfg, c = ctx.cfg, ctx.cfg.ppo
@@ -60,13 +61,13 @@ def run_ppo_round(
     saved = state_lib.load(cfg.registry, start.name) if in_registry else None
     # The published weights are the EMA when one is kept; training continues the raw ones.
     raw = saved.raw_policy if saved is not None and saved.raw_policy is not None else start
-    policy, tok = models.load_policy(raw, ctx.device)
-    reference, _ = models.load_policy(reference_path, ctx.device)
+    policy, tok = registry_lib.load_policy(raw, ctx.device)
+    reference, _ = registry_lib.load_policy(reference_path, ctx.device)
     rm, _ = registry_lib.load_rm(cfg.registry, cfg.base_model, ctx.device)
     reference.requires_grad_(False)
     rm.requires_grad_(False)
     # The version published last: what the gates compare with (the EMA, when one is kept).
-    previous = policy if raw == start else models.load_policy(start, ctx.device)[0]
+    previous = policy if raw == start else registry_lib.load_policy(start, ctx.device)[0]
     with ctx.phase("evaluation"):
         ref_eval, ref_samples = ctx.policy_eval(
             reference, reference, rm, tok, prompts=val_prompts, demos=[]
@@ -76,7 +77,8 @@ def run_ppo_round(
     if c.ema_decay > 0:
         ema = previous if previous is not policy else copy.deepcopy(policy)
     if saved is not None:
-        value = models.load_reward_model(saved.value, ctx.device)[0].requires_grad_(True)
+        value = models.load_reward_model(saved.value, ctx.device, registry_lib.MASTER)[0]
+        value.requires_grad_(True)
     else:
         value = ppo.value_model_from_rm(rm)
     opt = optimizer([*policy.parameters(), *value.parameters()], c.lr, c.adam_betas)
@@ -102,8 +104,8 @@ def run_ppo_round(
             ctx.check_stop()
             prompts = [rng.choice(pool) for _ in range(c.episodes)]
             with ctx.phase("generation"):
-                ro = ppo.rollout(policy, reference, value, rm, tok, prompts, beta=kl_ctl.value,
-                                 max_new_tokens=c.max_new_tokens, max_prompt_tokens=c.max_prompt_len,
+                ro = ppo.rollout(policy, reference, value, rm, tok, ctx.spec, prompts, beta=kl_ctl.value,
+                                 max_new_tokens=c.max_new_tokens,
                                  temperature=c.temperature, gamma=c.gae_gamma, lam=c.gae_lambda,
                                  missing_eos_penalty=c.missing_eos_penalty, generator=sampler)  # fmt: skip
             with ctx.phase("training"):
@@ -113,7 +115,7 @@ def run_ppo_round(
                         ptx = None
                         if c.gamma_ptx > 0 and c.ptx_ratio > 0:
                             texts = ctx.corpus.sample(c.ptx_ratio * len(mb), rng)
-                            ptx = models.encode_texts(tok, texts, c.ptx_seq_len)
+                            ptx = encoding.encode_texts(tok, texts, c.ptx_seq_len)
                         stats = ppo.ppo_step(policy, value, opt, mb, ptx=ptx, gamma_ptx=c.gamma_ptx,
                                              clip=c.clip, value_clip=c.value_clip, vf_coef=c.vf_coef,
                                              temperature=c.temperature)  # fmt: skip
@@ -146,13 +148,12 @@ def run_ppo_round(
     reference_name = registry_lib.reference_name(cfg.registry, reference_path)
 
     def save(out: Path) -> None:
-        published.save_pretrained(out)
-        tok.save_pretrained(out)
+        models.save_policy(published, tok, out, ctx.publish_dtype)
 
     def save_state(out: Path) -> None:
+        # Trainer state stays fp32: the next round continues these exact master weights.
         if ema is not None:
-            policy.save_pretrained(out / state_lib.POLICY_DIR)
-            tok.save_pretrained(out / state_lib.POLICY_DIR)
+            models.save_policy(policy, tok, out / state_lib.POLICY_DIR)
         value.save(out / state_lib.VALUE_DIR, tok)
         torch.save(opt.state_dict(), out / state_lib.OPTIMIZER_FILE)
         state_lib.write_info(

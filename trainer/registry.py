@@ -13,6 +13,12 @@ Every manifest names its lineage's reference (``Manifest.reference``). RM rounds
 the latest trained reward model; the first one starts from the reference policy's trunk
 (the paper) or else the initial RM. Initial models are the registry's "init" versions or the
 output of ``rlhf model init`` in ``base_model`` (``<base>/policy``, ``<base>/reward``).
+
+Precision. Models are loaded for training in fp32 whatever their published dtype
+(``MASTER``): the optimizer updates fp32 master weights and keeps fp32 state, and compute runs
+under bf16 autocast on CUDA (``models.autocast``). An Adam step at lr 1e-5 is about 1e-5 per
+weight, far below bf16's resolution (2^-8 relative, ~1e-4 at a typical weight of 0.02), so
+bf16 weights would not move. What is published is cast to ``publish_dtype`` on the way out.
 """
 
 from __future__ import annotations
@@ -22,11 +28,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from rlhf import bus, checkpoint, lifecycle, models
 from rlhf.topics import Topic
 from rlhf.v1 import events_pb2
 
 POLICY, REWARD = "policy", "reward"
+MASTER = torch.float32
+_PUBLISH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _EVENTS = uuid.UUID("3c1f6b1e-94a2-4a53-8f51-0d6f8a7e2c40")
 
 
@@ -77,19 +87,33 @@ def trained_rm(registry: Path) -> Path | None:
     return None
 
 
+def publish_dtype(setting: str, device: str) -> torch.dtype:
+    """``auto``: bf16 on CUDA (half the bytes to store and load; servers run bf16 there
+    anyway), fp32 on CPU."""
+    if setting == "auto":
+        return models.default_dtype(device)
+    return _PUBLISH_DTYPES[setting]
+
+
+def load_policy(path: Path, device: str) -> tuple[Any, Any]:
+    """A policy to train (or to train against): fp32 master weights on ``device``."""
+    return models.load_policy(path, device, MASTER)
+
+
 def load_rm(registry: Path, base: Path, device: str) -> tuple[models.RewardModel, Any]:
-    """The RM a round starts from: the latest trained one; before any, the paper's
-    initialisation from the SFT policy's trunk; without an SFT policy, the initial RM."""
+    """The RM a round starts from (fp32 master weights): the latest trained one; before any,
+    the paper's initialisation from the SFT policy's trunk; without an SFT policy, the
+    initial RM."""
     trained = trained_rm(registry)
     if trained is not None:
-        return models.load_reward_model(trained, device)
+        return models.load_reward_model(trained, device, MASTER)
     reference = reference_dir(registry, base)
     if (reference / checkpoint.MANIFEST).is_file() and checkpoint.read_manifest(
         reference
     ).round_type == "sft":
-        return models.reward_model_from_policy(reference, device)
+        return models.reward_model_from_policy(reference, device, MASTER)
     initial = checkpoint.latest(registry, REWARD) or base / REWARD
-    return models.load_reward_model(initial, device)
+    return models.load_reward_model(initial, device, MASTER)
 
 
 def announcements(

@@ -1,13 +1,13 @@
 """Step 2 of InstructGPT: the reward model, trained on K-way rankings.
 
-encode_rankings(tok, prompts, responses, ranks, max_prompt_tokens=128,
-                max_response_tokens=128) -> RankBatch
-    prompts: B strings; responses[b]: K_b strings (2..9); ranks[b]: K_b ints, 1 is best,
-    equal ranks are ties. Every response appears once in the batch (PAPER.md).
+encode_rankings(tok, spec, prompts, responses, ranks) -> RankBatch
+    prompts: B prompts (text or conversations); responses[b]: K_b strings (2..9); ranks[b]:
+    K_b ints, 1 is best, equal ranks are ties. Every response appears once in the batch
+    (PAPER.md), encoded by `rlhf.encoding` under `spec` (as the reward server scores it).
 rm_step(rm, optimizer, batch, *, max_grad_norm=1.0) -> RMStats
     One optimizer step of the K-way ranking loss over the B prompts of `batch`.
 rm_eval(rm, batch) -> RMStats                  loss and pairwise accuracy, no gradient
-fit_bias(rm, tok, prompts, responses, *, batch_size=32, ...) -> float
+fit_bias(rm, tok, spec, prompts, responses, *, batch_size=32) -> float
     After training: bias = -mean(raw reward of demonstrations), so they average 0.
     Returns the new bias.
 """
@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from rlhf import models
+from rlhf import encoding, models
+from rlhf.encoding import EncodingSpec, Prompt
 from rlhf.models import RewardModel
 from trainer import losses
 
@@ -52,16 +53,17 @@ class RMStats:
 
 def encode_rankings(
     tok: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
+    spec: EncodingSpec,
+    prompts: Sequence[Prompt],
     responses: Sequence[Sequence[str]],
     ranks: Sequence[Sequence[int]],
-    max_prompt_tokens: int = 128,
-    max_response_tokens: int = 128,
 ) -> RankBatch:
     if not len(prompts) == len(responses) == len(ranks):
         raise ValueError("prompts, responses and ranks must have the same length")
     k = max(len(r) for r in responses)
-    flat_prompts, flat_responses, slots = [], [], []
+    flat_prompts: list[Prompt] = []
+    flat_responses: list[str] = []
+    slots: list[int] = []
     rank_grid = torch.zeros(len(prompts), k, dtype=torch.long)
     for b, (prompt, resp, rank) in enumerate(zip(prompts, responses, ranks, strict=True)):
         if len(resp) != len(rank):
@@ -70,9 +72,7 @@ def encode_rankings(
         flat_prompts += [prompt] * len(resp)
         flat_responses += list(resp)
         slots += [b * k + i for i in range(len(resp))]
-    pairs = models.encode_pairs(
-        tok, flat_prompts, flat_responses, max_prompt_tokens, max_response_tokens
-    )
+    pairs = encoding.encode_pairs(tok, spec, flat_prompts, flat_responses)
     mask = torch.zeros(len(prompts) * k, dtype=torch.long)
     mask[slots] = 1
     return RankBatch(
@@ -137,12 +137,11 @@ def rm_eval(rm: RewardModel, batch: RankBatch) -> RMStats:
 def fit_bias(
     rm: RewardModel,
     tok: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
+    spec: EncodingSpec,
+    prompts: Sequence[Prompt],
     responses: Sequence[str],
     *,
     batch_size: int = 32,
-    max_prompt_tokens: int = 128,
-    max_response_tokens: int = 128,
 ) -> float:
     """Sets rm.bias so the demonstrations' normalised rewards average 0 (PAPER.md)."""
     if not prompts:
@@ -150,12 +149,8 @@ def fit_bias(
     device = rm.head.weight.device
     raw = []
     for i in range(0, len(prompts), batch_size):
-        batch = models.encode_pairs(
-            tok,
-            prompts[i : i + batch_size],
-            responses[i : i + batch_size],
-            max_prompt_tokens,
-            max_response_tokens,
+        batch = encoding.encode_pairs(
+            tok, spec, prompts[i : i + batch_size], responses[i : i + batch_size]
         ).to(device)
         with models.autocast(device):
             raw.append(rm.raw(batch.input_ids, batch.attention_mask).float())

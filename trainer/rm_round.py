@@ -34,9 +34,8 @@ def run_rm_round(
 ) -> Candidate:
     cfg, c = ctx.cfg, ctx.cfg.rm
     rm, tok = registry_lib.load_rm(cfg.registry, cfg.base_model, ctx.device)
-    lengths = ctx.lengths(c.max_len)
     with ctx.phase("evaluation"):
-        before = evaluate.rm_accuracy(rm, tok, val, lengths)
+        before = evaluate.rm_accuracy(rm, tok, ctx.spec, val)
     steps = c.epochs * math.ceil(len(comparisons) / c.batch_prompts)
     rm.requires_grad_(True)
     opt = optimizer(rm.parameters(), c.lr, c.adam_betas, c.weight_decay)
@@ -49,11 +48,10 @@ def run_rm_round(
                 ctx.check_stop()
                 batch = rm_steps.encode_rankings(
                     tok,
+                    ctx.spec,
                     [x.prompt for x in chunk],
                     [list(x.responses) for x in chunk],
                     [list(x.ranks) for x in chunk],
-                    lengths.max_prompt_tokens,
-                    c.max_len,
                 )
                 stats = rm_steps.rm_step(rm, opt, batch)
                 schedule.step()
@@ -62,16 +60,11 @@ def run_rm_round(
                 bar.update()
     if c.fit_bias and bias_demos:
         rm_steps.fit_bias(
-            rm,
-            tok,
-            [d.prompt for d in bias_demos],
-            [d.response for d in bias_demos],
-            max_prompt_tokens=lengths.max_prompt_tokens,
-            max_response_tokens=c.max_len,
+            rm, tok, ctx.spec, [d.prompt for d in bias_demos], [d.response for d in bias_demos]
         )
     with ctx.phase("evaluation"):
-        after = evaluate.rm_accuracy(rm, tok, val, lengths)
-        held_out = evaluate.rm_accuracy(rm, tok, test, lengths)
+        after = evaluate.rm_accuracy(rm, tok, ctx.spec, val)
+        held_out = evaluate.rm_accuracy(rm, tok, ctx.spec, test)
     metrics = {
         "rm_loss": total / max(1, steps),
         "train_accuracy": acc / max(1, steps),
@@ -86,7 +79,7 @@ def run_rm_round(
     rm.eval()
 
     def save(out: Path) -> None:
-        rm.save(out, tok)
+        rm.save(out, tok, ctx.publish_dtype)
 
     previous = checkpoint.latest(cfg.registry, REWARD)
     reference = registry_lib.reference_dir(cfg.registry, cfg.base_model)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from rlhf.encoding import EncodingSpec, Prompt
 from trainer import evaluate
 from trainer.config import TrainerConfig
 from trainer.corpus import PretrainCorpus
@@ -59,6 +60,10 @@ class RoundContext:
     corpus: PretrainCorpus
     device: str
     round_type: str
+    # The one encoding of every example and gate (recorded in the manifest it publishes).
+    spec: EncodingSpec
+    # What the published weights are cast to; training keeps fp32 master weights.
+    publish_dtype: torch.dtype
     round_index: int = 0  # rounds run before this one by this process (seeds the RNGs)
     stop: threading.Event = field(default_factory=threading.Event)
     phases: dict[str, float] = field(default_factory=dict)
@@ -79,10 +84,6 @@ class RoundContext:
         show = {"on": True, "off": False}.get(self.cfg.progress, sys.stderr.isatty())
         return tqdm(total=total, desc=desc, disable=not show, leave=False)
 
-    def lengths(self, max_response_tokens: int | None = None) -> evaluate.Lengths:
-        ppo = self.cfg.ppo
-        return evaluate.Lengths(ppo.max_prompt_len, max_response_tokens or ppo.max_new_tokens)
-
     def policy_eval(
         self,
         policy: Any,
@@ -90,7 +91,7 @@ class RoundContext:
         rm: Any,
         tok: Any,
         *,
-        prompts: Sequence[str],
+        prompts: Sequence[Prompt],
         demos: Sequence[Demonstration],
     ) -> tuple[PolicyEval, evaluate.Samples | None]:
         """The policy on held-out data: the numbers the policy gate compares, and the samples
@@ -101,10 +102,10 @@ class RoundContext:
             reference,
             rm,
             tok,
+            self.spec,
             prompts=prompts,
             ptx_texts=self.corpus.holdout_examples(g.eval_ptx_examples),
             demos=demos,
-            lengths=self.lengths(),
             max_new_tokens=p.max_new_tokens,
             temperature=p.temperature,
             ptx_tokens=p.ptx_seq_len,

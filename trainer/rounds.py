@@ -37,7 +37,7 @@ from pathlib import Path
 
 from kafka.errors import KafkaError
 
-from rlhf import bus, checkpoint
+from rlhf import bus, checkpoint, models
 from trainer import registry as registry_lib
 from trainer import state as state_lib
 from trainer.config import TrainerConfig
@@ -93,6 +93,11 @@ class Trainer:
         self._announced: set[str] = set()
         # Round type -> how much new data it had when it last failed a gate.
         self._held: dict[str, int] = {}
+        # One encoding for every step and gate of this trainer, recorded in each manifest.
+        self.spec = cfg.encoding.resolve(
+            models.load_tokenizer(registry_lib.policy_dir(cfg.registry, cfg.base_model))
+        )
+        self.publish_dtype = registry_lib.publish_dtype(cfg.publish_dtype, device)
 
     # ------------------------------------------------------------------ registry
 
@@ -183,8 +188,9 @@ class Trainer:
         started = time.monotonic()
         result = RoundResult(round_type, "error")
         ctx = RoundContext(
-            self.cfg, self.corpus, self.device, round_type, self.rounds_run, self.stop
-        )
+            self.cfg, self.corpus, self.device, round_type, self.spec, self.publish_dtype,
+            self.rounds_run, self.stop,
+        )  # fmt: skip
         log.info("%s round started", round_type)
         try:
             candidate = self._train(ctx)
@@ -268,6 +274,7 @@ class Trainer:
                 offsets=offsets,
                 version=version,
                 reference=candidate.reference or version,
+                encoding=self.spec.to_dict(),
             )
         if candidate.role == POLICY:
             state_lib.prune(self.registry, keep=version)

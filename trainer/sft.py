@@ -1,13 +1,14 @@
 """Step 1 of InstructGPT: supervised fine-tuning on demonstrations.
 
     sft_step(policy, optimizer, batch, *, ptx=None, ptx_coef=0.0, max_grad_norm=1.0) -> SFTStats
-        One optimizer step of response-token cross-entropy on `batch` (a models.PairBatch from
-        `models.encode_pairs(tok, prompts, responses)`), plus `ptx_coef` times the LM loss on
-        `ptx` = (input_ids, attention_mask) from `models.encode_texts` when given.
+        One optimizer step of response-token cross-entropy on `batch` (a PairBatch from
+        `rlhf.encoding.encode_pairs(tok, spec, prompts, responses)`), plus `ptx_coef` times the
+        LM loss on `ptx` = (input_ids, attention_mask) from `encoding.encode_texts` when given.
     sft_eval(policy, batch) -> float     mean response-token CE, no gradient
 
 The optimizer is the caller's (the paper: Adam β=(0.9, 0.95), cosine decay to 10%; step the
-scheduler after each call). On CUDA the forward runs under bf16 autocast.
+scheduler after each call). On CUDA the forward runs under bf16 autocast over the fp32
+master weights the optimizer updates.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from rlhf import models
-from rlhf.models import PairBatch
+from rlhf.encoding import PairBatch
 from trainer import losses
 
 

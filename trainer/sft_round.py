@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf import models
+from rlhf import encoding, models
 from trainer import registry as registry_lib
 from trainer import sft as sft_steps
 from trainer.data import Demonstration
@@ -29,30 +29,25 @@ def run_sft_round(
 ) -> Candidate:
     cfg, c = ctx.cfg, ctx.cfg.sft
     start = registry_lib.reference_dir(cfg.registry, cfg.base_model)
-    policy, tok = models.load_policy(start, ctx.device)
+    policy, tok = registry_lib.load_policy(start, ctx.device)
     with ctx.phase("evaluation"):
         before, _ = ctx.policy_eval(policy, policy, None, tok, prompts=[], demos=val_demos)
     steps = c.epochs * math.ceil(len(demos) / c.batch_size)
     opt = optimizer(policy.parameters(), c.lr, c.adam_betas, c.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(steps, c.lr_final_ratio))
     rng = random.Random(f"{cfg.seed}:sft:{demos[0].event_id if demos else ''}")
-    max_prompt = ctx.lengths().max_prompt_tokens
     total = 0.0
     with ctx.phase("training"), ctx.progress(steps, "sft") as bar:
         for _ in range(c.epochs):
             for chunk in chunks(rng.sample(list(demos), len(demos)), c.batch_size):
                 ctx.check_stop()
-                batch = models.encode_pairs(
-                    tok,
-                    [d.prompt for d in chunk],
-                    [d.response for d in chunk],
-                    max_prompt,
-                    c.max_len,
+                batch = encoding.encode_pairs(
+                    tok, ctx.spec, [d.prompt for d in chunk], [d.response for d in chunk]
                 )
                 ptx = None
                 if c.ptx_coef > 0:
                     texts = ctx.corpus.sample(len(chunk), rng)
-                    ptx = models.encode_texts(tok, texts, cfg.ppo.ptx_seq_len)
+                    ptx = encoding.encode_texts(tok, texts, cfg.ppo.ptx_seq_len)
                 stats = sft_steps.sft_step(policy, opt, batch, ptx=ptx, ptx_coef=c.ptx_coef)
                 schedule.step()
                 total += stats.loss
@@ -64,8 +59,7 @@ def run_sft_round(
     gate = policy_gate(cfg.gates, "sft", after, before) if cfg.gates.enabled else GateResult()
 
     def save(out: Path) -> None:
-        policy.save_pretrained(out)
-        tok.save_pretrained(out)
+        models.save_policy(policy, tok, out, ctx.publish_dtype)
 
     in_registry = start.parent == cfg.registry / POLICY
     return Candidate(

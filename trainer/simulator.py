@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from rlhf.encoding import EncodingSpec
 from rlhf.split import split_for_user
 from rlhf.v1 import events_pb2, feedback_pb2
 
@@ -247,17 +248,20 @@ def local_sampler(
     *,
     max_new_tokens: int = 32,
     temperature: float = 1.0,
-    max_prompt_tokens: int = 64,
+    spec: EncodingSpec | None = None,
     seed: int = 0,
 ) -> SampleFn:
-    """A ``SampleFn`` over a local causal LM (the test's stand-in for the policy server)."""
-    from rlhf.models import encode_prompts
+    """A ``SampleFn`` over a local causal LM (the test's stand-in for the policy server);
+    prompts are encoded under ``spec`` (default: the tokenizer's, 64 prompt tokens)."""
+    from rlhf.encoding import encode_prompts
+
+    spec = spec or EncodingSpec.for_tokenizer(tokenizer, max_prompt_tokens=64)  # type: ignore[arg-type]
 
     generator_seed = [seed]
 
     @torch.no_grad()
     def sample(prompt: str, k: int) -> list[Candidate]:
-        ids, mask = encode_prompts(tokenizer, [prompt] * k, max_prompt_tokens)  # type: ignore[arg-type]
+        ids, mask = encode_prompts(tokenizer, spec, [prompt] * k)  # type: ignore[arg-type]
         device = next(model.parameters()).device
         generator_seed[0] += 1
         # Seeded per call so a run is reproducible whatever else consumed the global RNG.

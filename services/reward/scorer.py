@@ -21,7 +21,8 @@ import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from transformers import PreTrainedTokenizerBase
 
-from rlhf.models import RewardModel, join_pairs
+from rlhf.encoding import join_pairs
+from rlhf.models import RewardModel
 
 log = logging.getLogger(__name__)
 
