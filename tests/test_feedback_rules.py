@@ -15,13 +15,13 @@ from typing import Any
 import grpc
 import pytest
 
+from rlhf.pii import Redactor
 from rlhf.split import split_for_user
 from rlhf.v1 import events_pb2, feedback_pb2
 from services.feedback.config import LimitsConfig, PolicyConfig
 from services.feedback.formats import FormatError, parse_line, split_hh
 from services.feedback.gateway import event_id_for, record_key
 from services.feedback.generations import GenerationIndex
-from services.feedback.pii import Redactor
 from services.feedback.validate import Rejection, validate_comparison, validate_demonstration
 
 LIMITS = LimitsConfig(max_prompt_chars=100, max_response_chars=50, max_id_chars=20)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rlhf.config import option
-from services.feedback.pii import KINDS
+from rlhf.pii import KINDS
 
 
 @dataclass(frozen=True)

@@ -39,13 +39,13 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client import Counter as MetricCounter
 
 from rlhf import bus, topics
+from rlhf.pii import RedactionMetrics, Redactor
 from rlhf.split import split_for_user
 from rlhf.v1 import events_pb2, feedback_pb2
 from services.feedback.config import GatewayConfig
 from services.feedback.dedupe import SeenEvents
 from services.feedback.generations import GenerationIndex
 from services.feedback.outbox import Outbox
-from services.feedback.pii import Redactor
 from services.feedback.store_health import StoreHealth
 from services.feedback.tail import TopicTail
 from services.feedback.validate import (
@@ -107,12 +107,7 @@ class GatewayMetrics:
             "Submissions answered as duplicates of an already stored event",
             registry=registry,
         )
-        self.pii_redactions = MetricCounter(
-            "rlhf_feedback_pii_redactions_total",
-            "PII spans redacted from stored prompts and responses",
-            ["kind"],
-            registry=registry,
-        )
+        self.pii = RedactionMetrics(registry, "feedback")
 
 
 class FeedbackGateway:
@@ -335,8 +330,7 @@ class FeedbackGateway:
                 self._seen.add(event_id)
                 self.metrics.accepted.labels(kind).inc()
                 self.metrics.ack_seconds.observe(time.perf_counter() - started)
-                for pii_kind, n in counts.items():
-                    self.metrics.pii_redactions.labels(pii_kind).inc(n)
+                self.metrics.pii.count(counts)
             self._inflight.pop(event_id, None)
             attempt.set_result(stored)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rlhf.config import option, section
+from rlhf.pii import KINDS
 from rlhf.runtime import RuntimeConfig
 from services.serving import FollowConfig, ModelConfig
 
@@ -107,8 +108,15 @@ class PublishConfig:
     # (policy.validation_fraction / policy.test_fraction there) so a user is in one split.
     validation_fraction: float = option(0.05, "share of user ids whose prompts go to validation")
     test_fraction: float = option(0.05, "share of user ids whose prompts go to test")
+    # The same rules as the feedback gateway's policy.pii_kinds (rlhf/pii.py).
+    pii_kinds: tuple[str, ...] = option(
+        KINDS, f"PII kinds redacted from published prompts and samples, any of {list(KINDS)}"
+    )
 
     def __post_init__(self) -> None:
+        unknown = sorted(set(self.pii_kinds) - set(KINDS))
+        if unknown:
+            raise ValueError(f"publish.pii_kinds: unknown kinds {unknown}; known: {list(KINDS)}")
         if self.buffer_size < 1 or self.batch_size < 1:
             raise ValueError("publish.buffer_size and publish.batch_size must be >= 1")
         if min(self.validation_fraction, self.test_fraction) < 0:

@@ -7,6 +7,11 @@ buffer and are retried, with growing pauses while the broker is unreachable. A r
 dropped only when the buffer is full (the newest is refused) or at shutdown after
 ``close_timeout_s``; every drop is counted in ``rlhf_policy_publish_dropped_total{reason}``
 and logged. A retried record may reach Kafka twice; consumers de-duplicate by ``event_id``.
+
+Before a record is sent, PII in its prompt and sample texts is redacted with the feedback
+gateway's redactor (``rlhf.pii``), counted in ``rlhf_policy_pii_redactions_total{kind}``:
+these records are the trainer's PPO prompts. Redaction runs on the sender thread, off the
+request path.
 """
 
 from __future__ import annotations
@@ -15,11 +20,13 @@ import collections
 import logging
 import threading
 import time
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from rlhf import topics
 from rlhf.bus import Producer
+from rlhf.pii import RedactionMetrics, Redactor, redact_served
 from rlhf.v1 import events_pb2
 
 log = logging.getLogger(__name__)
@@ -27,6 +34,12 @@ log = logging.getLogger(__name__)
 # A full buffer can drop thousands of records a second: log the first and then a summary
 # at most this often.
 DROP_LOG_INTERVAL_S = 10.0
+
+
+@dataclass
+class _Pending:
+    event: events_pb2.ServedGeneration
+    redacted: bool = False
 
 
 class GenerationPublisher:
@@ -39,13 +52,17 @@ class GenerationPublisher:
         batch_size: int = 256,
         ack_timeout_s: float = 15.0,
         max_backoff_s: float = 10.0,
+        redactor: Redactor | None = None,
     ) -> None:
+        """``redactor``: PII redaction before sending (None sends texts as served)."""
         self._producer = producer
+        self._redactor = redactor
+        self._pii = RedactionMetrics(registry, "policy")
         self._buffer_size = buffer_size
         self._batch_size = batch_size
         self._ack_timeout_s = ack_timeout_s
         self._max_backoff_s = max_backoff_s
-        self._buffer: collections.deque[events_pb2.ServedGeneration] = collections.deque()
+        self._buffer: collections.deque[_Pending] = collections.deque()
         self._cond = threading.Condition()
         self._closing = False
         self._deadline: float | None = None
@@ -86,7 +103,7 @@ class GenerationPublisher:
             if len(self._buffer) >= self._buffer_size:
                 self._drop("buffer_full", 1)
                 return
-            self._buffer.append(event)
+            self._buffer.append(_Pending(event))
             self.buffered.set(len(self._buffer))
             self._cond.notify()
 
@@ -131,7 +148,7 @@ class GenerationPublisher:
         self._unlogged.clear()
         self._last_drop_log = now
 
-    def _take(self) -> list[events_pb2.ServedGeneration] | None:
+    def _take(self) -> list[_Pending] | None:
         """The next batch to send (left in the buffer until acked); None when it is time to stop."""
         with self._cond:
             while not self._buffer and not self._closing:
@@ -145,7 +162,9 @@ class GenerationPublisher:
     def _run(self) -> None:
         backoff = 0.0
         while (batch := self._take()) is not None:
-            acked = self._send(batch)
+            for pending in batch:
+                self._redact(pending)
+            acked = self._send([pending.event for pending in batch])
             with self._cond:
                 for _ in range(acked):
                     self._buffer.popleft()
@@ -165,6 +184,12 @@ class GenerationPublisher:
             with self._cond:
                 # Wakes early on close so shutdown does not wait out the pause.
                 self._cond.wait_for(lambda: self._closing, timeout=backoff)
+
+    def _redact(self, pending: _Pending) -> None:
+        if pending.redacted or self._redactor is None:
+            return
+        self._pii.count(redact_served(self._redactor, pending.event))
+        pending.redacted = True
 
     def _send(self, batch: list[events_pb2.ServedGeneration]) -> int:
         """Sends ``batch`` and returns how many from its start were acked (order is kept)."""

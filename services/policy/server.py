@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 
 from rlhf import bus
 from rlhf.config import parse_config
+from rlhf.pii import Redactor
 from rlhf.pool import ModelPool, NotServing
 from rlhf.runtime import Scope, ServerRuntime
 
@@ -411,6 +412,7 @@ class PolicyServer:
                 batch_size=pub.batch_size,
                 ack_timeout_s=pub.ack_timeout_s,
                 max_backoff_s=pub.max_backoff_s,
+                redactor=Redactor(pub.pii_kinds),
             )
             self.publisher = publisher
             self.runtime.on_stop(lambda: asyncio.to_thread(publisher.close, pub.close_timeout_s))

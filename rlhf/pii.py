@@ -1,5 +1,8 @@
-"""PII redaction applied to every prompt and response before it is written (PAPER.md: PII is
-filtered out before anything is used for training).
+"""PII redaction applied to every prompt and response before it is written to Kafka (PAPER.md:
+PII is filtered out before anything is used for training): by the feedback gateway on
+rankings and demonstrations, and by the policy server on every served generation it publishes
+to ``rlhf.prompts`` (which the trainer uses as PPO prompts), with the same rules and the same
+counter, ``rlhf_<component>_pii_redactions_total{kind}``.
 
 Each kind has a pattern and a placeholder such as ``[EMAIL]``; ``redact`` returns the new text
 and how many spans of each kind it replaced, so the gateway can count them in a metric and
@@ -15,6 +18,11 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry
+from prometheus_client import Counter as MetricCounter
+
+from rlhf.v1 import events_pb2
 
 KINDS = ("email", "card", "ip", "phone")
 
@@ -138,3 +146,35 @@ class Redactor:
 
             text = rule.pattern.sub(replace, text)
         return text, counts
+
+
+class RedactionMetrics:
+    """``rlhf_<component>_pii_redactions_total{kind}``: spans redacted from what was stored."""
+
+    def __init__(self, registry: CollectorRegistry, component: str) -> None:
+        self.redactions = MetricCounter(
+            f"rlhf_{component}_pii_redactions_total",
+            "PII spans redacted from stored prompts and responses",
+            ["kind"],
+            registry=registry,
+        )
+
+    def count(self, found: Counter[str]) -> None:
+        for kind, n in found.items():
+            self.redactions.labels(kind).inc(n)
+
+
+def redact_served(redactor: Redactor, event: events_pb2.ServedGeneration) -> Counter[str]:
+    """Redacts a served generation in place: the prompt and every sample's text. A sample
+    whose text changed loses its token ids and logprobs, which would spell out the PII (the
+    gateway's rule for ranked responses)."""
+    found: Counter[str] = Counter()
+    event.prompt, counts = redactor.redact(event.prompt)
+    found.update(counts)
+    for sample in event.samples:
+        sample.text, counts = redactor.redact(sample.text)
+        if counts:
+            found.update(counts)
+            del sample.token_ids[:]
+            del sample.logprobs[:]
+    return found
