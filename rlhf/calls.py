@@ -1,4 +1,6 @@
 """How every gRPC call is handled before and after its servicer: authenticate, parse, measure.
+The key check (``check_key``), the call metrics (``CallMetrics``, by protocol) and the error a
+request path raises (``CallError``) are shared with the HTTP doors (``rlhf/http.py``).
 
 The runtime installs one ``CallInterceptor`` per server. For each call it
 
@@ -54,26 +56,55 @@ DURATION_BUCKETS = (
 )
 
 
+class CallError(Exception):
+    """A call refused or failed with a gRPC status; the gRPC door aborts with it and the HTTP
+    door renders it as an error body with the matching HTTP status (``rlhf/http.py``)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def check_key(keys: KeyStore, scope: Scope, presented: str | None) -> CallError | None:
+    """Why a call needing ``scope`` is refused (over gRPC or HTTP), or None when it may run."""
+    if not keys.enabled:
+        return None
+    if presented is None:
+        return CallError(
+            grpc.StatusCode.UNAUTHENTICATED, "missing API key: send 'authorization: Bearer <key>'"
+        )
+    granted = keys.lookup(presented)
+    if granted is None:
+        return CallError(grpc.StatusCode.UNAUTHENTICATED, "invalid API key")
+    if scope not in granted:
+        return CallError(grpc.StatusCode.PERMISSION_DENIED, f"API key lacks scope '{scope.value}'")
+    return None
+
+
 class CallMetrics:
+    """Calls by protocol (``grpc``, ``http``), method and final status (a gRPC status name),
+    and the health conditions of the services."""
+
     def __init__(self, registry: CollectorRegistry, component: str) -> None:
         prefix = f"rlhf_{component}"
         self.requests = Counter(
             f"{prefix}_requests_total",
-            "gRPC calls handled, by method and status code",
-            ["method", "code"],
+            "Calls handled, by protocol, method and status code",
+            ["protocol", "method", "code"],
             registry=registry,
         )
         self.duration = Histogram(
             f"{prefix}_request_duration_seconds",
-            "gRPC call duration from receipt to the last response byte, by method and status code",
-            ["method", "code"],
+            "Call duration from receipt to the last response byte, by protocol, method and status",
+            ["protocol", "method", "code"],
             buckets=DURATION_BUCKETS,
             registry=registry,
         )
         self.in_flight = Gauge(
             f"{prefix}_requests_in_flight",
-            "gRPC calls being handled",
-            ["method"],
+            "Calls being handled, by protocol and method",
+            ["protocol", "method"],
             registry=registry,
         )
         self.conditions = Gauge(
@@ -83,6 +114,15 @@ class CallMetrics:
             ["service", "condition"],
             registry=registry,
         )
+
+    def started(self, protocol: str, method: str) -> float:
+        self.in_flight.labels(protocol, method).inc()
+        return time.perf_counter()
+
+    def finished(self, protocol: str, method: str, code: str, start: float) -> None:
+        self.requests.labels(protocol, method, code).inc()
+        self.duration.labels(protocol, method, code).observe(time.perf_counter() - start)
+        self.in_flight.labels(protocol, method).dec()
 
 
 class CallInterceptor(grpc.aio.ServerInterceptor):
@@ -102,20 +142,10 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
 
     def _check(self, method: str, metadata: Any) -> tuple[grpc.StatusCode, str] | None:
         scope = self._required_scope(method)
-        if scope is None or not self._keys.enabled:
+        if scope is None:
             return None
-        presented = presented_key(metadata)
-        if presented is None:
-            return (
-                grpc.StatusCode.UNAUTHENTICATED,
-                "missing API key: send metadata 'authorization: Bearer <key>'",
-            )
-        granted = self._keys.lookup(presented)
-        if granted is None:
-            return grpc.StatusCode.UNAUTHENTICATED, "invalid API key"
-        if scope not in granted:
-            return grpc.StatusCode.PERMISSION_DENIED, f"API key lacks scope '{scope.value}'"
-        return None
+        denial = check_key(self._keys, scope, presented_key(metadata))
+        return None if denial is None else (denial.code, denial.message)
 
     async def intercept_service(
         self,
@@ -189,10 +219,7 @@ def _wrap(
     def record(
         context: grpc.aio.ServicerContext, start: float, error: BaseException | None
     ) -> None:
-        code = _final_code(context, error)
-        metrics.requests.labels(method, code).inc()
-        metrics.duration.labels(method, code).observe(time.perf_counter() - start)
-        metrics.in_flight.labels(method).dec()
+        metrics.finished("grpc", method, _final_code(context, error), start)
 
     async def request_of(raw: Any, context: grpc.aio.ServicerContext) -> Any:
         if denial is not None:
@@ -203,8 +230,7 @@ def _wrap(
 
     def unary_response(behavior: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
         async def call(raw: Any, context: grpc.aio.ServicerContext) -> Any:
-            start = time.perf_counter()
-            metrics.in_flight.labels(method).inc()
+            start = metrics.started("grpc", method)
             error: BaseException | None = None
             try:
                 return await behavior(await request_of(raw, context), context)
@@ -218,8 +244,7 @@ def _wrap(
 
     def stream_response(behavior: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
         async def call(raw: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            start = time.perf_counter()
-            metrics.in_flight.labels(method).inc()
+            start = metrics.started("grpc", method)
             error: BaseException | None = None
             try:
                 result = behavior(await request_of(raw, context), context)

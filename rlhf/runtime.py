@@ -12,13 +12,16 @@ One ``ServerRuntime`` per process gives a service, without any code of its own:
   (``rlhf/calls.py``). Health and reflection stay open so probes need no key. With no keys
   configured, authentication is off and the server says so loudly at start-up;
 * TLS from certificate files, reloaded when they change (``runtime.tls.*``, ``rlhf/tls.py``),
-  on the gRPC port and on ``/metrics``;
+  on the gRPC port, the HTTP port and ``/metrics``;
 * health conditions: a service is SERVING only while everything it needs holds
   (``set_condition``; a model loaded, Kafka reachable...), each one exported as
   ``rlhf_<component>_health_condition{service,condition}``;
-* Prometheus metrics on ``/metrics``: ``rlhf_<component>_requests_total{method,code}``,
-  ``rlhf_<component>_request_duration_seconds{method,code}`` and
-  ``rlhf_<component>_requests_in_flight{method}``, next to whatever the service registers;
+* Prometheus metrics on ``/metrics``: ``rlhf_<component>_requests_total{protocol,method,code}``,
+  ``rlhf_<component>_request_duration_seconds{protocol,method,code}`` and
+  ``rlhf_<component>_requests_in_flight{protocol,method}``, next to whatever the service
+  registers (``protocol`` is ``grpc`` or ``http``; ``code`` is a gRPC status name for both);
+* further doors on the same event loop (``add_door``): the HTTP/JSON API of ``rlhf/http.py``
+  starts after the gRPC server, with the same keys, metrics and TLS, and drains beside it;
 * graceful shutdown on SIGTERM/SIGINT: health turns ``NOT_SERVING`` (load balancers stop
   sending), in-flight calls get ``grace_s`` to finish (``server.stop(grace)``), then the
   service's own stop hooks run (engines, Kafka producers).
@@ -70,7 +73,7 @@ import socket
 import threading
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
@@ -79,11 +82,12 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
-# Re-exported: services import the auth names from the runtime they plug into.
+# Re-exported: services import the auth names and CallError from the runtime they plug into.
 from rlhf.auth import KeyStore as KeyStore
 from rlhf.auth import Scope as Scope
 from rlhf.auth import parse_api_keys as parse_api_keys
 from rlhf.calls import PUBLIC_SERVICES, CallInterceptor, CallMetrics
+from rlhf.calls import CallError as CallError
 from rlhf.config import option
 from rlhf.tls import TlsConfig, grpc_server_credentials, server_ssl_context
 
@@ -107,14 +111,25 @@ class RuntimeConfig:
     require_auth: bool = option(
         False, "refuse to start when no API key is configured (instead of serving without auth)"
     )
-    max_message_bytes: int = option(4 * 1024 * 1024, "largest gRPC message received or sent")
+    max_message_bytes: int = option(
+        4 * 1024 * 1024, "largest gRPC message received or sent, and largest HTTP request body"
+    )
     max_concurrent_rpcs: int = option(
         0, "calls served at once before new ones get RESOURCE_EXHAUSTED (0: no limit)"
     )
     grace_s: float = option(10.0, "seconds in-flight calls get to finish on shutdown")
+    http_host: str = option("0.0.0.0", "address the HTTP/JSON API binds to")
+    http_port: int = option(-1, "HTTP/JSON API port (0 picks a free port, -1 disables)")
+    http_cors_origins: tuple[str, ...] = option(
+        (),
+        "origins a web page may call the HTTP API from (CORS), comma-separated, e.g. "
+        "https://label.example.com; '*' allows any; empty: no CORS headers",
+    )
     tls: TlsConfig = dataclasses.field(
         default_factory=TlsConfig,
-        metadata={"help": "TLS for the gRPC and /metrics ports (certificate files, reloaded)"},
+        metadata={
+            "help": "TLS for the gRPC, HTTP and /metrics ports (certificate files, reloaded)"
+        },
     )
 
     def __post_init__(self) -> None:
@@ -122,6 +137,8 @@ class RuntimeConfig:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if not -1 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be in -1..65535, got {self.metrics_port}")
+        if not -1 <= self.http_port <= 65535:
+            raise ValueError(f"http_port must be in -1..65535, got {self.http_port}")
         if self.max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
         if self.max_concurrent_rpcs < 0:
@@ -155,6 +172,15 @@ AddServicers = Callable[[grpc.aio.Server], Awaitable[None] | None]
 StopHook = Callable[[], Awaitable[None] | None]
 
 
+class Door(Protocol):
+    """Another front door served from the runtime's event loop beside gRPC (``rlhf/http.py``)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self, grace_s: float) -> None:
+        """Stops taking calls and gives in-flight ones ``grace_s`` to finish."""
+
+
 class ServerRuntime:
     """A gRPC server with health, reflection, auth, metrics and graceful shutdown (see module doc)."""
 
@@ -167,7 +193,8 @@ class ServerRuntime:
         self.keys = KeyStore.from_settings(config.api_keys, config.api_keys_file)
         if config.require_auth and not self.keys.enabled:
             raise ValueError("require_auth is set but no API key is configured")
-        self._metrics = CallMetrics(registry, component)
+        self.metrics = CallMetrics(registry, component)
+        self._doors: list[Door] = []
         self._server: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
         self._metrics_http: Any = None
@@ -181,6 +208,15 @@ class ServerRuntime:
         self._conditions_lock = threading.Lock()
         self.port = 0
         self.metrics_port = -1
+        self.http_port = -1  # set by the HTTP door once it listens
+
+    def add_door(self, door: Door) -> None:
+        """Serves ``door`` too: started after the gRPC server, drained beside it on stop."""
+        self._doors.append(door)
+
+    def is_ready(self, service: str) -> bool:
+        """Whether ``service`` is SERVING: all its conditions hold and the server is not draining."""
+        return not self._stopped and not self.failing(service)
 
     def on_stop(self, hook: StopHook) -> None:
         """Runs ``hook`` (sync or async) after in-flight calls drained; hooks run in reverse order."""
@@ -200,7 +236,7 @@ class ServerRuntime:
             ("grpc.so_reuseport", 0),
         ]
         server = grpc.aio.server(
-            interceptors=[CallInterceptor(self.keys, scopes, self._metrics)],
+            interceptors=[CallInterceptor(self.keys, scopes, self.metrics)],
             options=options,
             maximum_concurrent_rpcs=cfg.max_concurrent_rpcs or None,
         )
@@ -223,6 +259,8 @@ class ServerRuntime:
         self._server = server
         for name in service_names:
             await self._health.set(name, self._status(not self._failing.get(name)))
+        for door in self._doors:
+            await door.start()
         if cfg.metrics_port >= 0:
             self._metrics_http = serve_metrics(
                 self.registry, cfg.metrics_host, cfg.metrics_port, cfg.tls
@@ -271,7 +309,7 @@ class ServerRuntime:
             else:
                 failing[condition] = detail
             ready = not failing
-        self._metrics.conditions.labels(service, condition).set(1 if ok else 0)
+        self.metrics.conditions.labels(service, condition).set(1 if ok else 0)
         if ok and before is not None:
             log.info("%s: %s holds again", service, condition)
         elif not ok and before != detail:
@@ -307,9 +345,12 @@ class ServerRuntime:
         self._stopped = True
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
-        if self._server is not None:
-            log.info("%s server draining (grace %.1fs)", self.component, self.config.grace_s)
-            await self._server.stop(self.config.grace_s)
+        grace = self.config.grace_s
+        log.info("%s server draining (grace %.1fs)", self.component, grace)
+        await asyncio.gather(
+            *([self._server.stop(grace)] if self._server is not None else []),
+            *(door.stop(grace) for door in self._doors),
+        )
         for hook in reversed(self._stop_hooks):
             try:
                 result = hook()

@@ -1,22 +1,25 @@
 """``rlhf serve feedback``: the FeedbackService gRPC server (auth scope ``feedback``).
 
 The servicer only converts between protos and the gateway's calls; validation, the data
-policy and exactly-once storage live in ``gateway.py``.
+policy and exactly-once storage live in ``gateway.py``. The HTTP/JSON door (``http.py``) runs
+the same gateway calls and the same bulk path.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
 from prometheus_client import CollectorRegistry
 
 from rlhf.config import option, parse_config
+from rlhf.http import HttpDoor, Style
 from rlhf.runtime import AddServicers, RuntimeConfig, Scope, ServerRuntime
 from rlhf.v1 import feedback_pb2, feedback_pb2_grpc
+from services.feedback import http
 from services.feedback.config import GatewayConfig, LimitsConfig
 from services.feedback.gateway import FeedbackGateway, Submitted, open_gateway
 from services.feedback.validate import Rejection
@@ -36,13 +39,14 @@ class FeedbackRuntimeConfig(RuntimeConfig):
 
     port: int = option(50053, "gRPC port (0 picks a free port)")
     metrics_port: int = option(9103, "Prometheus /metrics port (0 picks a free port, -1 disables)")
+    http_port: int = option(8003, "HTTP/JSON feedback API port (0 picks a free port, -1 disables)")
 
 
 @dataclass(frozen=True)
 class FeedbackServerConfig(GatewayConfig):
     runtime: FeedbackRuntimeConfig = field(
         default_factory=FeedbackRuntimeConfig,
-        metadata={"help": "gRPC server, auth and metrics"},
+        metadata={"help": "gRPC and HTTP servers, auth and metrics"},
     )
     startup_timeout_s: float = option(
         120.0, "how long start-up may wait for Kafka to rebuild the dedupe index"
@@ -109,6 +113,12 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
                     "in smaller streams",
                 )
             items.append(item)
+        return await self.store_all(items)
+
+    async def store_all(
+        self, items: Sequence[feedback_pb2.FeedbackItem]
+    ) -> feedback_pb2.BulkResponse:
+        """Validates and stores every item of a whole bulk on its own (both doors)."""
         slots = asyncio.Semaphore(BULK_CONCURRENCY)
 
         async def one(index: int, item: feedback_pb2.FeedbackItem) -> feedback_pb2.ItemAck:
@@ -136,9 +146,9 @@ def add_servicers(
             on_condition=lambda name, ok, detail: runtime.set_condition(FEEDBACK, name, ok, detail),
         )
         runtime.on_stop(lambda: asyncio.to_thread(app.close))
-        feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(
-            FeedbackServicer(app.gateway, config.limits), server
-        )
+        servicer = FeedbackServicer(app.gateway, config.limits)
+        feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(servicer, server)
+        http.add_routes(HttpDoor(runtime, style=Style.GOOGLE), app.gateway, servicer, config.limits)
 
     return add
 

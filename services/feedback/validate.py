@@ -12,20 +12,19 @@ from collections.abc import Sequence
 
 import grpc
 
+from rlhf.runtime import CallError
 from rlhf.v1 import feedback_pb2
 from services.feedback.config import LimitsConfig
 
 MIN_RESPONSES = 2
 
 
-class Rejection(Exception):
+class Rejection(CallError):
     """A submission that is not stored, with the status and reason the client gets."""
 
     def __init__(self, code: grpc.StatusCode, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+        super().__init__(code, message)
         self.reason = reason
-        self.message = message
 
 
 def _invalid(reason: str, message: str) -> Rejection:

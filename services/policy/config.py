@@ -128,11 +128,27 @@ class PublishConfig:
 
 
 @dataclass(frozen=True)
+class ApiConfig:
+    served_model_name: str = option(
+        "policy",
+        "the model name HTTP clients send (OpenAI 'model', TGI 'model') for the server's choice of "
+        "version (pinned, canary or promoted); a resident version's own name selects that version",
+    )
+
+    def __post_init__(self) -> None:
+        if not self.served_model_name:
+            raise ValueError("api.served_model_name must not be empty")
+
+
+@dataclass(frozen=True)
 class PolicyRuntimeConfig(RuntimeConfig):
     # A subclass rather than a default_factory: parse_config builds nested sections from their
     # class defaults, so the service's own ports must be the class's defaults.
     port: int = option(50051, "gRPC port (0 picks a free port)")
     metrics_port: int = option(9101, "Prometheus /metrics port (0 picks a free port, -1 disables)")
+    http_port: int = option(
+        8001, "HTTP port of the OpenAI and TGI APIs (0 picks a free port, -1 disables)"
+    )
 
 
 @dataclass(frozen=True)
@@ -145,7 +161,10 @@ class PolicyServerConfig:
     follow: FollowConfig = section(
         FollowConfig, "following the models topic and registry (hot swap; --model.registry only)"
     )
-    runtime: PolicyRuntimeConfig = section(PolicyRuntimeConfig, "gRPC server, auth and metrics")
+    api: ApiConfig = section(ApiConfig, "the OpenAI- and TGI-compatible HTTP APIs")
+    runtime: PolicyRuntimeConfig = section(
+        PolicyRuntimeConfig, "gRPC and HTTP servers, auth and metrics"
+    )
 
     def __post_init__(self) -> None:
         if self.limits.max_n > self.engine.max_batch_size:

@@ -3,7 +3,9 @@
 The servicer validates a request, converts it to plain values, hands it to the batching
 engine (``engine.py``) and converts the engine's events back to protos. After a response is
 complete, the served generation goes to the publisher (``publisher.py``), which sends it to
-Kafka in the background.
+Kafka in the background. The request path (``start`` / ``complete`` / ``stream``) is
+transport-neutral: the HTTP doors (``http_openai.py``, ``http_tgi.py``) build the same
+``GenerateRequest`` and run the same path with a deadline instead of a gRPC context.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 import grpc
@@ -23,13 +25,15 @@ from prometheus_client import CollectorRegistry
 
 from rlhf import bus
 from rlhf.config import parse_config
+from rlhf.http import HttpDoor, Style
 from rlhf.pii import Redactor
 from rlhf.pool import ModelPool, NotServing
-from rlhf.runtime import Scope, ServerRuntime
+from rlhf.runtime import CallError, Scope, ServerRuntime
 
 # One split function for every process, so a user lands in the same split everywhere.
 from rlhf.split import split_for_user
 from rlhf.v1 import admin_pb2_grpc, events_pb2, inference_pb2, inference_pb2_grpc
+from services.policy import http_openai, http_tgi
 from services.policy.config import LimitsConfig, PolicyServerConfig
 from services.policy.engine import (
     EngineStopped,
@@ -67,11 +71,8 @@ _FAILED = {
 }
 
 
-class BadRequest(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+class BadRequest(CallError):
+    """A request refused or failed, with the gRPC status both doors answer with."""
 
 
 def sampling_params(request: inference_pb2.GenerateRequest, limits: LimitsConfig) -> SamplingParams:
@@ -136,7 +137,7 @@ def _effective_parameters(params: SamplingParams) -> inference_pb2.GenerationPar
 
 
 @dataclass
-class _Call:
+class Call:
     """One accepted request: what the engine runs and what the response and event need."""
 
     request_id: str
@@ -167,13 +168,23 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self._publisher = publisher
         self._split_fractions = split_fractions  # (validation, test)
 
-    async def _start(
+    @property
+    def limits(self) -> LimitsConfig:
+        return self._limits
+
+    @property
+    def pool(self) -> ModelPool[Policy]:
+        return self._pool
+
+    async def start(
         self,
         request: inference_pb2.GenerateRequest,
-        context: grpc.aio.ServicerContext,
+        deadline: float | None,
         *,
         stream: bool,
-    ) -> _Call:
+    ) -> Call:
+        """Validates ``request`` and submits it to the engine; ``deadline`` is a
+        ``time.monotonic()`` value or None. Raises BadRequest."""
         if not request.prompt:
             raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT, "prompt must not be empty")
         n = request.n or 1
@@ -189,18 +200,17 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         params = sampling_params(request, self._limits)
         lease = contextlib.ExitStack()
         try:
-            policy = self._acquire(request, lease)
-            return await self._submit(request, context, params, n, policy, lease, stream=stream)
+            policy = self.acquire(request.model_version, request.user_id, lease)
+            return await self._submit(request, deadline, params, n, policy, lease, stream=stream)
         except BaseException:
             lease.close()
             raise
 
-    def _acquire(
-        self, request: inference_pb2.GenerateRequest, lease: contextlib.ExitStack
-    ) -> Policy:
-        """The version this request runs on (pinned, canary or promoted), held by ``lease``."""
+    def acquire(self, model_version: str, user_id: str, lease: contextlib.ExitStack) -> Policy:
+        """The version a request runs on (the one asked for, else pinned, canary or promoted),
+        held resident by ``lease``."""
         try:
-            version = request.model_version or self._pool.choose(request.user_id)
+            version = model_version or self._pool.choose(user_id)
         except NotServing as exc:
             raise BadRequest(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
         try:
@@ -215,14 +225,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def _submit(
         self,
         request: inference_pb2.GenerateRequest,
-        context: grpc.aio.ServicerContext,
+        deadline: float | None,
         params: SamplingParams,
         n: int,
         policy: Policy,
         lease: contextlib.ExitStack,
         *,
         stream: bool,
-    ) -> _Call:
+    ) -> Call:
         prompt_ids = await self._tokenize(policy, request.prompt)
         if len(prompt_ids) > self._limits.max_input_tokens:
             raise BadRequest(
@@ -236,8 +246,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 f"prompt ({len(prompt_ids)} tokens) + parameters.max_new_tokens ({params.max_new_tokens}) "
                 f"exceeds the model's context of {max_positions}",
             )
-        remaining = context.time_remaining()
-        deadline = time.monotonic() + remaining if remaining is not None else None
         try:
             gen = self._engine.submit(
                 policy,
@@ -255,7 +263,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         except ValueError as exc:  # over the engine's own limits (n, tokens per sequence)
             raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
         request_id = request.request_id or uuid.uuid4().hex
-        return _Call(request_id, request, params, gen, [uuid.uuid4().hex for _ in range(n)], lease)
+        return Call(request_id, request, params, gen, [uuid.uuid4().hex for _ in range(n)], lease)
 
     @staticmethod
     async def _tokenize(policy: Policy, prompt: str) -> list[int]:
@@ -266,7 +274,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             return encode()
         return await asyncio.to_thread(encode)
 
-    def _sample(self, call: _Call, done: SampleDone) -> inference_pb2.Sample:
+    def _sample(self, call: Call, done: SampleDone) -> inference_pb2.Sample:
         sample = inference_pb2.Sample(
             generation_id=call.generation_ids[done.index],
             index=done.index,
@@ -281,7 +289,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             )
         return sample
 
-    def _publish(self, call: _Call, samples: list[SampleDone]) -> None:
+    def _publish(self, call: Call, samples: list[SampleDone]) -> None:
         if self._publisher is None:
             return
         event = events_pb2.ServedGeneration(
@@ -306,19 +314,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         )
         self._publisher.publish(event)
 
-    async def Generate(
-        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> inference_pb2.GenerateResponse:
-        try:
-            call = await self._start(request, context, stream=False)
-        except BadRequest as bad:
-            await context.abort(bad.code, bad.message)
-            raise  # unreachable: abort raises
+    async def complete(self, call: Call) -> inference_pb2.GenerateResponse:
+        """Waits for every sample of ``call``, publishes it, returns the response."""
         try:
             samples = await call.gen.result()
         except GenerationFailed as failed:
-            await context.abort(_FAILED[failed.reason], str(failed))
-            raise
+            raise BadRequest(_FAILED[failed.reason], str(failed)) from None
         except BaseException:
             call.gen.cancel()  # the client went away or its deadline passed
             raise
@@ -332,14 +333,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             samples=[self._sample(call, s) for s in samples],
         )
 
-    async def GenerateStream(
-        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
-        try:
-            call = await self._start(request, context, stream=True)
-        except BadRequest as bad:
-            await context.abort(bad.code, bad.message)
-            raise
+    async def stream(
+        self, call: Call
+    ) -> AsyncGenerator[inference_pb2.GenerateStreamResponse, None]:
+        """One event per token of ``call``; publishes once every sample finished."""
         samples: list[SampleDone] = []
         logprobs = call.request.return_logprobs
         try:
@@ -360,13 +357,41 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     message.finished.CopyFrom(self._sample(call, event.done))
                 yield message
         except GenerationFailed as failed:
-            await context.abort(_FAILED[failed.reason], str(failed))
+            raise BadRequest(_FAILED[failed.reason], str(failed)) from None
         except BaseException:
             call.gen.cancel()
             raise
         finally:
             call.lease.close()
         self._publish(call, sorted(samples, key=lambda s: s.index))
+
+    async def Generate(
+        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.GenerateResponse:
+        try:
+            call = await self.start(request, _deadline(context), stream=False)
+            return await self.complete(call)
+        except BadRequest as bad:
+            await context.abort(bad.code, bad.message)
+            raise  # unreachable: abort raises
+
+    async def GenerateStream(
+        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
+        try:
+            call = await self.start(request, _deadline(context), stream=True)
+            # aclosing: a cancelled call closes the inner generator now, which cancels the
+            # generation, rather than whenever the garbage collector finalises it.
+            async with contextlib.aclosing(self.stream(call)) as messages:
+                async for message in messages:
+                    yield message
+        except BadRequest as bad:
+            await context.abort(bad.code, bad.message)
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return time.monotonic() + remaining if remaining is not None else None
 
 
 class PolicyServer:
@@ -431,6 +456,10 @@ class PolicyServer:
             (pub.validation_fraction, pub.test_fraction),
         )
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
+        door = HttpDoor(self.runtime, style=Style.OPENAI)
+        http_openai.add_routes(door, servicer, cfg.api.served_model_name)
+        http_tgi.add_routes(door, servicer, cfg.api.served_model_name, cfg.engine.max_queue)
+        door.health("/health", [INFERENCE], style=Style.TGI)
         admin = self.models.admin_servicer()
         if admin is not None:
             admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)

@@ -37,6 +37,7 @@ class RewardRuntimeConfig(RuntimeConfig):
     # class defaults, so the service's own ports must be the class's defaults.
     port: int = option(50052, "gRPC port (0 picks a free port)")
     metrics_port: int = option(9102, "Prometheus /metrics port (0 picks a free port, -1 disables)")
+    http_port: int = option(8002, "HTTP/JSON scoring API port (0 picks a free port, -1 disables)")
 
 
 @dataclass(frozen=True)
@@ -47,4 +48,6 @@ class RewardServerConfig:
     follow: FollowConfig = section(
         FollowConfig, "following the models topic and registry (hot swap; --model.registry only)"
     )
-    runtime: RewardRuntimeConfig = section(RewardRuntimeConfig, "gRPC server, auth and metrics")
+    runtime: RewardRuntimeConfig = section(
+        RewardRuntimeConfig, "gRPC and HTTP servers, auth and metrics"
+    )

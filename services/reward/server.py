@@ -1,6 +1,6 @@
 """``rlhf serve reward``: the RewardService gRPC server (auth scope ``infer``).
 
-``Score`` returns the normalised reward r(x, y) + bias of each response (the bias makes
+``Score`` (and ``POST /v1/score`` over HTTP/JSON, ``http.py``) returns the normalised reward r(x, y) + bias of each response (the bias makes
 labeler demonstrations average 0, PAPER.md) and the reward-model version that produced them.
 Prompts and responses are encoded exactly as in reward-model training
 (``rlhf.models.prompt_tokens`` / ``response_tokens``: BOS + prompt, response + EOS), and
@@ -19,10 +19,12 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from rlhf.config import parse_config
+from rlhf.http import HttpDoor, Style
 from rlhf.models import load_reward_model
 from rlhf.pool import ModelPool, NotServing
-from rlhf.runtime import Scope, ServerRuntime
+from rlhf.runtime import CallError, Scope, ServerRuntime
 from rlhf.v1 import admin_pb2_grpc, events_pb2, reward_pb2, reward_pb2_grpc
+from services.reward import http
 from services.reward.config import LimitsConfig, RewardServerConfig
 from services.reward.scorer import BatchScorer, LoadedRewardModel, QueueFull, ScorerStopped
 from services.serving import ModelConfig, ServingModels, version_of
@@ -87,14 +89,13 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             responses.append(ids)
         return prompt, responses
 
-    async def Score(
-        self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext
-    ) -> reward_pb2.ScoreResponse:
+    async def score(self, request: reward_pb2.ScoreRequest) -> reward_pb2.ScoreResponse:
+        """Scores ``request`` (both doors run this); raises CallError with the status."""
         invalid = grpc.StatusCode.INVALID_ARGUMENT
         if not request.prompt:
-            await context.abort(invalid, "prompt must not be empty")
+            raise CallError(invalid, "prompt must not be empty")
         if not 1 <= len(request.responses) <= self._limits.max_responses:
-            await context.abort(
+            raise CallError(
                 invalid,
                 f"responses must hold 1..{self._limits.max_responses} entries, got {len(request.responses)}",
             )
@@ -103,28 +104,31 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         try:
             version = request.model_version or self._pool.choose()
         except NotServing as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-            raise
+            raise CallError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
         lease = contextlib.ExitStack()
         try:
             rm = lease.enter_context(self._pool.lease(version))
         except KeyError:
-            await context.abort(
+            raise CallError(
                 grpc.StatusCode.NOT_FOUND,
                 f"model_version {version!r} is not served here "
                 f"(resident: {', '.join(self._pool.resident()) or 'none'})",
-            )
-            raise
+            ) from None
         with lease:  # the version stays resident until this request is scored
-            return await self._score(rm, request, context)
+            return await self._score(rm, request)
+
+    async def Score(
+        self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext
+    ) -> reward_pb2.ScoreResponse:
+        try:
+            return await self.score(request)
+        except CallError as error:
+            await context.abort(error.code, error.message)
+            raise  # unreachable: abort raises
 
     async def _score(
-        self,
-        rm: LoadedRewardModel,
-        request: reward_pb2.ScoreRequest,
-        context: grpc.aio.ServicerContext,
+        self, rm: LoadedRewardModel, request: reward_pb2.ScoreRequest
     ) -> reward_pb2.ScoreResponse:
-        invalid = grpc.StatusCode.INVALID_ARGUMENT
         size = len(request.prompt) + sum(len(r) for r in request.responses)
         try:
             if size <= INLINE_TOKENIZE_CHARS:
@@ -132,16 +136,13 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             else:
                 prompt_ids, response_ids = await asyncio.to_thread(self._encode, rm, request)
         except ValueError as exc:
-            await context.abort(invalid, str(exc))
-            raise
+            raise CallError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         try:
             rewards = await self._scorer.score(rm, prompt_ids, response_ids)
         except QueueFull as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy: {exc}")
-            raise
+            raise CallError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy: {exc}") from None
         except ScorerStopped as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-            raise
+            raise CallError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
         return reward_pb2.ScoreResponse(rewards=rewards, model_version=rm.version)
 
 
@@ -180,9 +181,9 @@ class RewardServer:
         )
         self.scorer = scorer
         self.runtime.on_stop(lambda: asyncio.to_thread(scorer.stop))
-        reward_pb2_grpc.add_RewardServiceServicer_to_server(
-            RewardServicer(scorer, self.pool, self.config.limits), server
-        )
+        servicer = RewardServicer(scorer, self.pool, self.config.limits)
+        reward_pb2_grpc.add_RewardServiceServicer_to_server(servicer, server)
+        http.add_routes(HttpDoor(self.runtime, style=Style.GOOGLE), servicer)
         admin = self.models.admin_servicer()
         if admin is not None:
             admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
