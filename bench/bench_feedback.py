@@ -197,7 +197,7 @@ def start_gateway(
         server = subprocess.Popen(
             [sys.executable, "-m", "rlhf", "serve", "feedback", "--kafka.bootstrap-servers", bootstrap,
              "--kafka.linger-ms", str(linger_ms), "--kafka.batch-size", str(batch_size), "--runtime.host", "127.0.0.1",
-             "--runtime.port", str(port), "--runtime.metrics-port", "-1"],
+             "--runtime.port", str(port), "--runtime.metrics-port", "-1", "--runtime.http-port", "-1"],
             env=env, stdout=subprocess.DEVNULL, stderr=log,
         )  # fmt: skip
     return server, f"127.0.0.1:{port}"

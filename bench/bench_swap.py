@@ -72,6 +72,7 @@ def main() -> int:
                 "runtime.host": "127.0.0.1",
                 "runtime.port": "0",
                 "runtime.metrics_port": "-1",
+                "runtime.http_port": "-1",
             },
         )
         server = PolicyServer(config, CollectorRegistry())

@@ -88,8 +88,10 @@ _TGI_STATUS = {
     grpc.StatusCode.INTERNAL: 424,
     grpc.StatusCode.DEADLINE_EXCEEDED: 424,
 }
-_TGI_TYPES = {400: "validation", 413: "validation", 422: "validation", 424: "generation"}
-_TGI_TYPES |= {429: "overloaded", 503: "unhealthy", 401: "authentication", 403: "authentication"}
+# TGI's error types; other statuses (auth, unknown model, not serving) carry no type, so TGI
+# clients raise their plain HTTP error with the status instead of an "unknown" TGI error.
+_TGI_TYPES = {400: "validation", 413: "validation", 422: "validation", 429: "overloaded"}
+_TGI_TYPES |= {424: "generation", 500: "generation", 504: "generation"}
 _OPENAI_TYPES = {401: "invalid_request_error", 403: "permission_error", 429: "rate_limit_error"}
 
 
@@ -127,7 +129,8 @@ def error_body(error: CallError, style: Style) -> tuple[int, dict[str, Any]]:
     """(HTTP status, JSON body) of ``error`` as the route's clients expect it."""
     status = http_status(error, style)
     if style is Style.TGI:
-        return status, {"error": error.message, "error_type": _TGI_TYPES.get(status, "generation")}
+        kind = _TGI_TYPES.get(status)
+        return status, {"error": error.message, **({"error_type": kind} if kind else {})}
     if style is Style.OPENAI:
         param = error.param if isinstance(error, HttpError) else None
         code = error.error_code if isinstance(error, HttpError) else None

@@ -251,23 +251,28 @@ def run(cfg: DemoConfig) -> int:
         seed_registry(registry, base, producer, actor="demo")
         initial = checkpoint.list_versions(registry, "policy")[0]
 
-        ports = {name: (free_port(), free_port()) for name in ("policy", "reward", "feedback")}
+        ports = {
+            n: (free_port(), free_port(), free_port()) for n in ("policy", "reward", "feedback")
+        }
         trainer_metrics = free_port()
         common = ["--runtime.host", "127.0.0.1", "--runtime.metrics-host", "127.0.0.1"]
+        common += ["--runtime.http-host", "127.0.0.1"]
         print("starting policy, reward and feedback servers and the trainer ...", flush=True)
         procs.append(Process("policy", [
             "serve", "policy", "--model.registry", str(registry), "--follow.bootstrap-servers", bs,
             "--publish.bootstrap-servers", bs, "--runtime.port", str(ports["policy"][0]),
-            "--runtime.metrics-port", str(ports["policy"][1]), *common,
+            "--runtime.metrics-port", str(ports["policy"][1]), "--runtime.http-port",
+            str(ports["policy"][2]), *common,
         ], logs))  # fmt: skip
         procs.append(Process("reward", [
             "serve", "reward", "--model.registry", str(registry), "--follow.bootstrap-servers", bs,
             "--runtime.port", str(ports["reward"][0]), "--runtime.metrics-port", str(ports["reward"][1]),
-            *common,
+            "--runtime.http-port", str(ports["reward"][2]), *common,
         ], logs))  # fmt: skip
         procs.append(Process("feedback", [
             "serve", "feedback", "--kafka.bootstrap-servers", bs, "--runtime.port",
-            str(ports["feedback"][0]), "--runtime.metrics-port", str(ports["feedback"][1]), *common,
+            str(ports["feedback"][0]), "--runtime.metrics-port", str(ports["feedback"][1]),
+            "--runtime.http-port", str(ports["feedback"][2]), *common,
         ], logs))  # fmt: skip
         procs.append(Process("trainer", [
             "train", "--bootstrap-servers", bs, "--registry", str(registry), "--base-model", str(base),
@@ -280,6 +285,12 @@ def run(cfg: DemoConfig) -> int:
             proc = next(p for p in procs if p.name == name)
             wait_serving(f"127.0.0.1:{ports[name][0]}", service, proc)
         print(f"all up; logs in {logs}. Labelers at work (Ctrl-C stops).", flush=True)
+        print(
+            f"HTTP: OpenAI/TGI http://127.0.0.1:{ports['policy'][2]}/v1 (model 'policy'), "
+            f"scoring http://127.0.0.1:{ports['reward'][2]}/v1/score, "
+            f"feedback http://127.0.0.1:{ports['feedback'][2]}/v1/feedback/comparisons",
+            flush=True,
+        )
 
         follower = ModelFollower(
             bootstrap_servers=bs, registry_dir=None, on_change=summary.on_change

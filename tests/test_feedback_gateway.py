@@ -58,7 +58,13 @@ def start_gateway(
         kafka=KafkaConfig(bootstrap_servers=bootstrap, ack_timeout_s=ack_timeout_s),
         resolver=ResolverConfig(wait_s=1.0),
         runtime=FeedbackRuntimeConfig(
-            host="127.0.0.1", port=0, metrics_port=metrics_port, api_keys=api_keys, grace_s=2
+            host="127.0.0.1",
+            port=0,
+            metrics_port=metrics_port,
+            http_host="127.0.0.1",
+            http_port=0,
+            api_keys=api_keys,
+            grace_s=2,
         ),
         startup_timeout_s=60,
     )

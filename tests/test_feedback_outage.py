@@ -86,7 +86,9 @@ def test_broker_outage_during_a_burst_loses_and_duplicates_nothing(
 ) -> None:
     config = FeedbackServerConfig(
         kafka=KafkaConfig(bootstrap_servers=private_kafka.bootstrap_servers, ack_timeout_s=1.0),
-        runtime=FeedbackRuntimeConfig(host="127.0.0.1", port=0, metrics_port=-1, grace_s=2),
+        runtime=FeedbackRuntimeConfig(
+            host="127.0.0.1", port=0, metrics_port=-1, http_port=-1, grace_s=2
+        ),
         startup_timeout_s=60,
     )
     registry = CollectorRegistry()

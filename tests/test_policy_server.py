@@ -59,6 +59,8 @@ def make_config(
             port=0,
             metrics_host="127.0.0.1",
             metrics_port=0,
+            http_host="127.0.0.1",
+            http_port=0,
             api_keys="infer-key-1 infer; admin-key-1 admin",
             max_message_bytes=256 * 1024,
             grace_s=5.0,
@@ -253,7 +255,7 @@ def test_health_reflection_and_metrics(server: PolicyServer, stub) -> None:
     url = f"http://127.0.0.1:{server.runtime.metrics_port}/metrics"
     body = urllib.request.urlopen(url, timeout=10).read().decode()
     for line in [
-        'rlhf_policy_requests_total{code="OK",method="rlhf.v1.InferenceService/Generate"}',
+        'rlhf_policy_requests_total{code="OK",method="rlhf.v1.InferenceService/Generate",protocol="grpc"}',
         "rlhf_policy_request_duration_seconds_bucket",
         "rlhf_policy_time_to_first_token_seconds_count",
         "rlhf_policy_time_per_output_token_seconds_count",

@@ -58,6 +58,8 @@ def server(rm_dir: Path) -> Iterator[RewardServer]:
             port=0,
             metrics_host="127.0.0.1",
             metrics_port=0,
+            http_host="127.0.0.1",
+            http_port=0,
             api_keys="rm-infer infer; rm-feedback feedback",
             max_message_bytes=128 * 1024,
         ),
@@ -194,8 +196,8 @@ def test_health_and_metrics(server: RewardServer, stub) -> None:
         .decode()
     )
     for line in [
-        'rlhf_reward_requests_total{code="OK",method="rlhf.v1.RewardService/Score"}',
-        'rlhf_reward_requests_total{code="INVALID_ARGUMENT",method="rlhf.v1.RewardService/Score"}',
+        'rlhf_reward_requests_total{code="OK",method="rlhf.v1.RewardService/Score",protocol="grpc"}',
+        'rlhf_reward_requests_total{code="INVALID_ARGUMENT",method="rlhf.v1.RewardService/Score",protocol="grpc"}',
         "rlhf_reward_batch_size_bucket",
         "rlhf_reward_scored_total",
         "rlhf_reward_value_bucket",
@@ -210,7 +212,15 @@ def test_cli_serves_and_stops_on_sigterm(rm_dir: Path) -> None:
         os.environ, RLHF_REWARD_MODEL__PATH=str(rm_dir), RLHF_REWARD_RUNTIME__HOST="127.0.0.1"
     )
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
-    argv = ["--runtime.port", str(port), "--runtime.metrics-port", "-1", "--model.device", "cpu"]
+    argv = [
+        "--runtime.port",
+        str(port),
+        "--runtime.metrics-port",
+        "-1",
+        "--runtime.http-port",
+        "-1",
+    ]
+    argv += ["--model.device", "cpu"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "rlhf", "serve", "reward", *argv],
         env=env,

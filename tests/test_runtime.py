@@ -187,15 +187,10 @@ def test_metrics_scrape_counts_by_method_and_code(server: ServerRuntime) -> None
         .read()
         .decode()
     )
-    assert 'rlhf_testsvc_requests_total{code="OK",method="rlhf.v1.RewardService/Score"} 1.0' in body
-    assert (
-        'rlhf_testsvc_requests_total{code="UNAUTHENTICATED",method="rlhf.v1.RewardService/Score"} 1.0'
-        in body
-    )
-    assert (
-        'rlhf_testsvc_requests_total{code="OK",method="rlhf.v1.InferenceService/GenerateStream"} 1.0'
-        in body
-    )
+    grpc_calls = 'rlhf_testsvc_requests_total{code="%s",method="%s",protocol="grpc"} 1.0'
+    assert grpc_calls % ("OK", "rlhf.v1.RewardService/Score") in body
+    assert grpc_calls % ("UNAUTHENTICATED", "rlhf.v1.RewardService/Score") in body
+    assert grpc_calls % ("OK", "rlhf.v1.InferenceService/GenerateStream") in body
     assert "rlhf_testsvc_request_duration_seconds_bucket" in body
 
 

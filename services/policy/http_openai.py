@@ -230,11 +230,12 @@ class OpenAIRoutes:
                     await events.send(_chunk(call, shape, index, generation_id, text, opening))
             async with contextlib.aclosing(self._servicer.stream(call)) as messages:
                 async for m in messages:
-                    piece = texts[m.index].push(m.token.text)
                     done = m.finished if m.HasField("finished") else None
-                    if done is not None:
+                    if done is None:
+                        piece = texts[m.index].push(m.token.text)
+                    else:
                         finished.append(done)
-                        piece += texts[m.index].finish(_text(done, shape))
+                        piece = texts[m.index].finish(_text(done, shape))
                     if piece or done is not None or shape.logprobs:
                         await events.send(_token_chunk(call, shape, m, piece, done))
             if shape.include_usage:
@@ -267,6 +268,7 @@ class _StreamedText:
         return out
 
     def finish(self, final: str) -> str:
+        """The rest of ``final`` (the sample's text, stop sequence cut) after what was sent."""
         sent = self._text[: self._sent]
         return final[len(sent) :] if final.startswith(sent) else ""
 
