@@ -180,16 +180,21 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     try:
         body = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
     except UnicodeDecodeError as exc:
-        raise invalid(f"the request body is not UTF-8 text ({exc.reason})") from None
+        raise _unreadable(f"the request body is not UTF-8 text ({exc.reason})") from None
     except json.JSONDecodeError as exc:
-        raise invalid(
+        raise _unreadable(
             f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from None
     except ValueError as exc:
-        raise invalid(f"the request body is not valid JSON: {exc}") from None
+        raise _unreadable(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
-        raise invalid(f"the request body must be a JSON object, got {_kind(body)}")
+        raise _unreadable(f"the request body must be a JSON object, got {_kind(body)}")
     return body
+
+
+def _unreadable(message: str) -> HttpError:
+    # 400 in every style: TGI's 422 is for a well-formed request with bad values.
+    return HttpError(grpc.StatusCode.INVALID_ARGUMENT, message, status=400)
 
 
 def parse_proto(body: Any, message: M, where: str = "") -> M:

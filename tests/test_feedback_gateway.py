@@ -52,7 +52,12 @@ class Gateway:
 
 
 def start_gateway(
-    bootstrap: str, *, api_keys: str = "", ack_timeout_s: float = 5.0, metrics_port: int = -1
+    bootstrap: str,
+    *,
+    api_keys: str = "",
+    ack_timeout_s: float = 5.0,
+    metrics_port: int = -1,
+    cors: tuple[str, ...] = (),
 ) -> Gateway:
     config = FeedbackServerConfig(
         kafka=KafkaConfig(bootstrap_servers=bootstrap, ack_timeout_s=ack_timeout_s),
@@ -63,6 +68,7 @@ def start_gateway(
             metrics_port=metrics_port,
             http_host="127.0.0.1",
             http_port=0,
+            http_cors_origins=cors,
             api_keys=api_keys,
             grace_s=2,
         ),

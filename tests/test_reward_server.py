@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import httpx2
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -111,6 +112,32 @@ def test_concurrent_requests_are_batched_and_correct(
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert server.scorer is not None
     assert server.scorer.metrics.scored._value.get() >= 24
+
+
+def test_json_scoring_over_http_matches_grpc(server: RewardServer, stub) -> None:
+    url = f"http://127.0.0.1:{server.runtime.http_port}"
+    body = {"prompt": "question?", "responses": ["yes", "no"]}
+    auth = {"authorization": "Bearer rm-infer"}
+    reply = httpx2.post(f"{url}/v1/score", json=body, headers=auth)
+    assert reply.status_code == 200
+    grpc_reply = stub.Score(reward_pb2.ScoreRequest(**body), metadata=INFER, timeout=30)
+    assert reply.json()["model_version"] == "rm-v7"
+    assert reply.json()["rewards"] == pytest.approx(list(grpc_reply.rewards), rel=1e-6)
+    assert httpx2.get(f"{url}/health").status_code == 200
+    for sent, headers, status in [
+        ({"prompt": "p", "responses": "no"}, auth, 400),
+        ({"prompt": "p", "responses": ["x"], "temperature": 1}, auth, 400),
+        ({"prompt": "", "responses": ["x"]}, auth, 400),
+        ({"prompt": "p", "responses": ["x"] * 17}, auth, 400),
+        ({"prompt": "p", "responses": ["x"], "model_version": "rm-v0"}, auth, 404),
+        (body, {"authorization": "Bearer rm-feedback"}, 403),
+        (body, {}, 401),
+    ]:
+        bad = httpx2.post(f"{url}/v1/score", json=sent, headers=headers)
+        assert bad.status_code == status, bad.text
+        assert bad.json()["error"]["code"] == status and bad.json()["error"]["message"]
+    broken = httpx2.post(f"{url}/v1/score", content=b'{"prompt": "p",', headers=auth)
+    assert broken.status_code == 400 and "not valid JSON" in broken.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(
