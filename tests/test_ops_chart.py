@@ -189,6 +189,10 @@ def test_rendered_config_is_accepted_by_the_component(
     else:
         grpc_port = next(p["containerPort"] for p in ports if p["name"] == "grpc")
         assert (config.runtime.port, config.runtime.metrics_port) == (grpc_port, metrics_port)
+        http_port = next((p["containerPort"] for p in ports if p["name"] == "http"), -1)
+        assert config.runtime.http_port == http_port
+        service = find(docs, "Service", name)["spec"]["ports"]
+        assert ("http" in {p["name"] for p in service}) == (http_port != -1)
         assert bool(config.runtime.api_keys_file) == (values == "all-features")
         assert config.runtime.grace_s < pod["terminationGracePeriodSeconds"]
     if component == "policy":
@@ -200,6 +204,8 @@ def test_rendered_config_is_accepted_by_the_component(
         assert config.model.registry == "/var/lib/rlhf/registry"
     if component == "feedback":
         assert config.kafka.bootstrap_servers == bootstrap
+        if values == "all-features":
+            assert config.runtime.http_cors_origins == ("https://label.example.com",)
 
 
 def test_pods_are_locked_down(helm: Callable[..., subprocess.CompletedProcess[str]]) -> None:
@@ -311,5 +317,6 @@ def test_helm_test_hook_runs_the_health_check(
     args = pod["spec"]["containers"][0]["args"]
     assert "rlhf-policy:50051/rlhf.v1.InferenceService" in args
     assert "http://rlhf-trainer:9090/metrics" in args
+    assert "http://rlhf-policy:8080/health" in args
     script = find(docs, "ConfigMap", "rlhf-test-health")["data"]["health_check.py"]
     assert script == (CHART / "files" / "health_check.py").read_text().rstrip("\n")

@@ -16,6 +16,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
+from rlhf.http import HttpDoor, Style
 from rlhf.kafka_local import free_port
 from rlhf.runtime import RuntimeConfig, Scope, ServerRuntime
 
@@ -55,25 +56,42 @@ def test_passes_against_the_server_runtime() -> None:
     """A real component server (rlhf/runtime.py): health per service, /metrics with rlhf_ metrics,
     and API keys on, which the health service must not require."""
     config = RuntimeConfig(
-        host="127.0.0.1", port=0, metrics_host="127.0.0.1", metrics_port=0, api_keys="k1 infer"
+        host="127.0.0.1",
+        port=0,
+        metrics_host="127.0.0.1",
+        metrics_port=0,
+        http_host="127.0.0.1",
+        http_port=0,
+        api_keys="k1 infer",
     )
     runtime = ServerRuntime(config, CollectorRegistry(), component="policy")
-    runtime.start_in_thread(lambda server: None, {"rlhf.v1.InferenceService": Scope.INFER})
+
+    def add(server: object) -> None:
+        HttpDoor(runtime, style=Style.GOOGLE).health("/health", ["rlhf.v1.InferenceService"])
+
+    runtime.start_in_thread(add, {"rlhf.v1.InferenceService": Scope.INFER})
     try:
         done = run_check(
             "--grpc",
             f"127.0.0.1:{runtime.port}/rlhf.v1.InferenceService",
             "--grpc",
             f"127.0.0.1:{runtime.port}",
+            "--http",
+            f"http://127.0.0.1:{runtime.http_port}/health",
             "--metrics",
             f"http://127.0.0.1:{runtime.metrics_port}/metrics",
             "--timeout-s",
             "10",
         )
+        runtime.set_ready("rlhf.v1.InferenceService", False)
+        down = run_check(
+            "--http", f"http://127.0.0.1:{runtime.http_port}/health", "--timeout-s", "1"
+        )
     finally:
         runtime.stop_in_thread()
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.splitlines()[-1] == "health checks: 3 of 3 ok"
+    assert done.stdout.splitlines()[-1] == "health checks: 4 of 4 ok"
+    assert down.returncode == 1 and "not healthy after 1s (HTTP 503)" in down.stdout, down.stdout
 
 
 def test_waits_for_a_server_that_becomes_ready(health_server: tuple[WatchedHealth, int]) -> None:

@@ -55,20 +55,24 @@ def services(kafka: LocalKafka, tmp_path: Path) -> Iterator[dict[str, str]]:
     bs = kafka.bootstrap_servers
     logs = tmp_path / "logs"
     logs.mkdir()
-    ports = {name: (free_port(), free_port()) for name in ("policy", "reward", "feedback")}
+    ports = {n: (free_port(), free_port(), free_port()) for n in ("policy", "reward", "feedback")}
     local = ["--runtime.host", "127.0.0.1", "--runtime.metrics-host", "127.0.0.1"]
+    local += ["--runtime.http-host", "127.0.0.1"]
     prefix = f"scrape{free_port()}"
     procs = [
         Process("policy", ["serve", "policy", "--model.registry", str(registry),
                            "--follow.bootstrap-servers", bs, "--publish.bootstrap-servers", bs,
                            "--runtime.port", str(ports["policy"][0]),
-                           "--runtime.metrics-port", str(ports["policy"][1]), *local], logs),
+                           "--runtime.metrics-port", str(ports["policy"][1]),
+                           "--runtime.http-port", str(ports["policy"][2]), *local], logs),
         Process("reward", ["serve", "reward", "--model.registry", str(registry),
                            "--runtime.port", str(ports["reward"][0]),
-                           "--runtime.metrics-port", str(ports["reward"][1]), *local], logs),
+                           "--runtime.metrics-port", str(ports["reward"][1]),
+                           "--runtime.http-port", str(ports["reward"][2]), *local], logs),
         Process("feedback", ["serve", "feedback", "--kafka.bootstrap-servers", bs,
                              "--runtime.port", str(ports["feedback"][0]),
-                             "--runtime.metrics-port", str(ports["feedback"][1]), *local], logs),
+                             "--runtime.metrics-port", str(ports["feedback"][1]),
+                             "--runtime.http-port", str(ports["feedback"][2]), *local], logs),
         Process("trainer", ["train", "--bootstrap-servers", bs, "--registry", str(registry),
                             "--base-model", str(base), "--topic-prefix", prefix,
                             "--group-id", prefix, "--progress", "off", "--device", "cpu",
@@ -80,6 +84,9 @@ def services(kafka: LocalKafka, tmp_path: Path) -> Iterator[dict[str, str]]:
             strict=True,
         ):  # fmt: skip
             wait_serving(f"127.0.0.1:{ports[proc.name][0]}", service, proc)
+            # One call through each server's HTTP door, so its metrics carry protocol="http".
+            with urllib.request.urlopen(f"http://127.0.0.1:{ports[proc.name][2]}/health") as r:
+                assert r.status == 200
         metrics_up(trainer_port, procs[3])
         yield {
             "policy": f"127.0.0.1:{ports['policy'][1]}",
@@ -99,9 +106,14 @@ def test_every_dashboard_and_alert_metric_is_exposed_by_the_running_services(
     server = prometheus({name: [target] for name, target in services.items()}, rule_files=[RULES])
     up = server.wait_for("up == 1", lambda r: len(r) == 4, timeout_s=60)
     assert {s["metric"]["rlhf_component"] for s in up} == set(services)
-    # A metric from each component through the query API.
+    # A metric from each component through the query API; the servers' calls by protocol.
     for component in services:
         assert server.wait_for(f'{{__name__=~"rlhf_{component}_.*", rlhf_component="{component}"}}')
+    for component in ("policy", "reward", "feedback"):
+        [http] = server.wait_for(
+            f'sum by (protocol, method, code) (rlhf_{component}_requests_total{{protocol="http"}})'
+        )
+        assert http["metric"] == {"protocol": "http", "method": "/health", "code": "OK"}
     wanted = dashboard_metrics()
     declared = poll(
         server.metadata, lambda m: wanted <= set(m), 60, what="metadata of the running services"

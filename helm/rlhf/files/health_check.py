@@ -1,7 +1,8 @@
-"""Health check run by ``helm test``: every gRPC server reports SERVING through grpc.health.v1
-and every /metrics endpoint serves Prometheus text with rlhf_ metrics.
+"""Health check run by ``helm test``: every gRPC server reports SERVING through grpc.health.v1,
+every HTTP API answers its health URL with 200, and every /metrics endpoint serves Prometheus
+text with rlhf_ metrics.
 
-    python health_check.py --grpc HOST:PORT/SERVICE ... --metrics URL ... [--timeout-s 60]
+    python health_check.py --grpc HOST:PORT/SERVICE ... --http URL ... --metrics URL ... [--timeout-s 60]
 
 Exits 0 when every check passes, 1 otherwise, printing one line per check. It ships in the
 chart (a ConfigMap mounted into the test pod) and runs in the rlhf image, which has grpcio,
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import grpc
@@ -44,6 +46,26 @@ def check_grpc(target: str, timeout_s: float) -> str | None:
         return f"not SERVING after {timeout_s:g}s ({last})"
 
 
+def check_http(url: str, timeout_s: float) -> str | None:
+    """Polls ``url`` (an HTTP API's /health) until it answers 200; a server still loading its
+    model answers 503 and is waited for, until the deadline."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=max(1.0, min(5.0, timeout_s))) as response:
+                if response.status == 200:
+                    return None
+                last = f"HTTP {response.status}"
+        except urllib.error.HTTPError as err:
+            last = f"HTTP {err.code}"
+        except OSError as err:
+            last = f"GET failed: {err}"
+        if time.monotonic() >= deadline:
+            return f"not healthy after {timeout_s:g}s ({last})"
+        time.sleep(1.0)
+
+
 def check_metrics(url: str, timeout_s: float) -> str | None:
     """Fetches ``url`` and checks that it is Prometheus text holding rlhf_ metric families."""
     try:
@@ -63,14 +85,16 @@ def check_metrics(url: str, timeout_s: float) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--grpc", action="append", default=[], metavar="HOST:PORT/SERVICE")
+    parser.add_argument("--http", action="append", default=[], metavar="URL")
     parser.add_argument("--metrics", action="append", default=[], metavar="URL")
     parser.add_argument("--timeout-s", type=float, default=60.0, help="per check")
     args = parser.parse_args(argv)
-    if not args.grpc and not args.metrics:
-        parser.error("nothing to check: give --grpc and/or --metrics")
+    if not args.grpc and not args.http and not args.metrics:
+        parser.error("nothing to check: give --grpc, --http and/or --metrics")
 
     failed = 0
     checks = [(f"grpc {t}", check_grpc, t) for t in args.grpc]
+    checks += [(f"http {u}", check_http, u) for u in args.http]
     checks += [(f"metrics {u}", check_metrics, u) for u in args.metrics]
     for label, check, target in checks:
         start = time.monotonic()

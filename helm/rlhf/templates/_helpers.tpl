@@ -134,6 +134,8 @@ Call with (dict "root" $ "component" "policy").
 runtime:
   port: {{ .values.grpcPort }}
   metrics_port: {{ .values.metricsPort }}
+  http_port: {{ if .values.http.enabled }}{{ .values.http.port }}{{ else }}-1{{ end }}
+  http_cors_origins: {{ .values.http.corsOrigins | default list | toJson }}
   # Drain in-flight calls, then leave the stop hooks (Kafka flush) time before SIGKILL.
   grace_s: {{ max 1 (sub .root.Values.terminationGracePeriodSeconds 15) }}
   {{- if .root.Values.auth.existingSecret }}
