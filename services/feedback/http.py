@@ -22,9 +22,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
-
 import grpc
+from aiohttp import web
 
 from rlhf.http import (
     HttpDoor,

@@ -100,7 +100,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
                 f"responses must hold 1..{self._limits.max_responses} entries, got {len(request.responses)}",
             )
         if len(request.model_version) > MAX_ID_CHARS:
-            await context.abort(invalid, f"model_version is over {MAX_ID_CHARS} characters")
+            raise CallError(invalid, f"model_version is over {MAX_ID_CHARS} characters")
         try:
             version = request.model_version or self._pool.choose()
         except NotServing as exc:
