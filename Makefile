@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV = $(shell scripts/bootstrap.sh)
 PY = PYTHONPATH=$(CURDIR) $(VENV)/bin/python
 
-.PHONY: setup demo test test-fast lint format typecheck protos protos-check bench kafka-start kafka-stop clean
+.PHONY: setup demo test test-fast test-vllm lint format typecheck protos protos-check bench kafka-start kafka-stop clean
 
 setup:            ## Python environment (cached outside the clone) and the Kafka broker jars
 	@$(PY) -c "from rlhf.kafka_local import ensure_jars; print('kafka jars:', ensure_jars())"
@@ -13,6 +13,10 @@ demo: setup       ## The whole loop locally on the tiny model (Kafka included); 
 
 test: setup protos-check lint  ## Everything CI runs: generated-code check, lint, type check, all tests
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-vllm: setup  ## The engine tests on the vLLM engine (builds vLLM's environment once: scripts/vllm_env.sh)
+	scripts/vllm_env.sh >/dev/null
+	RLHF_VLLM_TESTS=1 $(PY) -m pytest -m vllm $(PYTEST_ARGS) tests/test_policy_engines.py
 
 test-fast:        ## Tests only, stop at the first failure
 	$(PY) -m pytest -x -q $(PYTEST_ARGS)

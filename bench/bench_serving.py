@@ -1,39 +1,66 @@
-"""Serving benchmark: the policy server over gRPC vs plain ``model.generate``, in one run.
+"""Serving benchmark: the policy server's engines against their peers, on the same model, the
+same 32 prompts and the same settings, in one run.
 
-    PYTHONPATH=. python bench/bench_serving.py                      # tiny model, CPU
-    PYTHONPATH=. python bench/bench_serving.py --size 0.5b --device cuda --dtype bfloat16
+    PYTHONPATH=. python bench/bench_serving.py                       # tiny + small, CPU
+    PYTHONPATH=. python bench/bench_serving.py --sizes small --no-vllm
+    PYTHONPATH=. python bench/bench_serving.py --sizes 0.5b --device cuda --dtype bfloat16
 
-Starts ``rlhf serve policy`` as a subprocess on a model built from config (or --model-path),
-then drives it with an asyncio gRPC client at each concurrency level (closed loop: each of
-``c`` workers sends its next request when the previous one returned) and reports output
-tokens/s and p50/p99 request latency. The baseline is the same model in this process answering
-the first of the same requests one at a time with ``model.generate`` (same sampling settings,
-same max_new_tokens). The per-request gRPC overhead is the p50 latency of max_new_tokens=1
-requests over gRPC minus the p50 of the same one-token ``generate`` in process. On CUDA it
-also reports the memory-bandwidth bound of single-stream decoding (weights read once per token).
+Peers, for each model size and for greedy and sampled requests (temperature 0.8, top_p 0.95):
 
-The last line printed is one JSON object: {"bench": "serving", ...}.
+* ``engine cN``: ``rlhf serve policy`` (native engine) over gRPC, N concurrent clients in a
+  closed loop (each sends its next request when the previous one returned), N = 1, 8, 32;
+* ``static bN``: ``model.generate`` in this process on left-padded batches of N prompts;
+* ``hf-continuous``: transformers' continuous batching (``generate_batch``), all prompts at once;
+* ``vllm-engine c32``: ``rlhf serve policy --engine.kind vllm`` over gRPC (our server in front
+  of a vLLM process), and ``vllm c32``: vLLM's own OpenAI server alone, over HTTP, token-id
+  prompts. vLLM's environment is built on first use (``scripts/vllm_env.sh``); its CPU build
+  needs head_dim >= 32, so sizes with smaller heads skip it (the reason is printed).
+
+Every process runs one torch/OpenMP thread (``--threads``): on a small shared machine, threads
+waiting on a descheduled sibling make runs incomparable. Throughput and latency come from unary
+requests; time to first token (TTFT) from a second, streamed run of the same requests (the
+static baseline's TTFT is its batch generating one token). Each figure is the median of
+``--rounds`` rounds, the peers interleaved within each round. The table prints tokens/s, p50
+and p99 request latency and TTFT, and the ratios the goal is stated in (engine c32 against
+static b32 and against vLLM's server). On CUDA it also reports the memory-bandwidth bound of
+single-stream decoding. The last line printed is one JSON object: {"bench": "serving", ...}.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import functools
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import torch
+from prometheus_client import CollectorRegistry
 
-from rlhf.kafka_local import free_port
-from rlhf.models import build_tiny, load_policy
-from rlhf.v1 import inference_pb2, inference_pb2_grpc
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from serving_peers import (  # noqa: E402
+    Run,
+    Settings,
+    grpc_run,
+    hf_continuous_run,
+    openai_run,
+    percentile,
+    static_run,
+)
+
+from rlhf.kafka_local import free_port  # noqa: E402
+from rlhf.models import build_tiny, load_policy  # noqa: E402
 
 # Peak memory bandwidth (GB/s) by device name, for the decode roofline.
 BANDWIDTH_GBS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0, "L4": 300.0}
@@ -46,192 +73,258 @@ def prompts(count: int) -> list[str]:
     ]
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
-def baseline(
-    model_path: Path, texts: list[str], args: argparse.Namespace, max_new_tokens: int
-) -> dict:
-    """One request at a time through plain ``model.generate``."""
-    device = torch.device(args.device)
-    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    model, tok = load_policy(model_path, device, dtype)
-    latencies, tokens = [], 0
-    start = time.perf_counter()
-    for i, text in enumerate(texts):
-        ids = tok(text, return_tensors="pt")["input_ids"].to(device)
-        torch.manual_seed(i)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(  # type: ignore[operator]
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=True,
-                temperature=args.temperature,
-                top_p=args.top_p,
-                pad_token_id=tok.pad_token_id,
-            )
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        latencies.append(time.perf_counter() - t0)
-        tokens += out.shape[1] - ids.shape[1]
-    wall = time.perf_counter() - start
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    del model
-    return {
-        "requests": len(texts),
-        "tokens": tokens,
-        "tokens_per_s": tokens / wall,
-        "p50_s": percentile(latencies, 50),
-        "p99_s": percentile(latencies, 99),
-        "weight_bytes": weight_bytes,
-    }
-
-
-async def drive(
-    port: int, texts: list[str], concurrency: int, args: argparse.Namespace, max_new_tokens: int
-) -> dict:
-    """Closed-loop load: ``concurrency`` workers share the request list."""
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = inference_pb2_grpc.InferenceServiceStub(channel)
-        queue = list(enumerate(texts))
-        latencies: list[float] = []
-        tokens = 0
-
-        async def worker() -> None:
-            nonlocal tokens
-            while queue:
-                i, text = queue.pop(0)
-                params = inference_pb2.GenerationParameters(
-                    do_sample=True, temperature=args.temperature, top_p=args.top_p,
-                    max_new_tokens=max_new_tokens, seed=i,
-                )  # fmt: skip
-                t0 = time.perf_counter()
-                reply = await stub.Generate(
-                    inference_pb2.GenerateRequest(prompt=text, parameters=params), timeout=600
-                )
-                latencies.append(time.perf_counter() - t0)
-                tokens += sum(s.generated_tokens for s in reply.samples)
-
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - start
-    return {
-        "concurrency": concurrency,
-        "requests": len(texts),
-        "tokens": tokens,
-        "tokens_per_s": tokens / wall,
-        "p50_s": percentile(latencies, 50),
-        "p99_s": percentile(latencies, 99),
-    }
-
-
-def start_server(model_path: Path, port: int, args: argparse.Namespace) -> subprocess.Popen:
+def start_server(
+    model_path: Path, port: int, args: argparse.Namespace, kind: str
+) -> subprocess.Popen:
     cmd = [
-        sys.executable, "-m", "rlhf", "serve", "policy",
+        sys.executable, "-m", "rlhf", "serve", "policy", "--engine.kind", kind,
         "--model.path", str(model_path), "--model.device", args.device, "--model.dtype", args.dtype,
         "--runtime.host", "127.0.0.1", "--runtime.port", str(port), "--runtime.metrics-port", "-1",
-        "--engine.max-batch-size", str(args.max_batch_size), "--engine.torch-threads", str(args.threads),
-        "--limits.max-new-tokens", str(max(args.max_new_tokens, 1)),
+        "--engine.max-batch-size", "32", "--engine.torch-threads", str(args.threads),
+        "--limits.max-new-tokens", str(max(args.max_new_tokens, 64)),
+        "--limits.max-input-tokens", "448",
+        "--vllm.threads", str(args.threads),
     ]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    return subprocess.Popen(
-        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_ready(port: int, process: subprocess.Popen, timeout_s: float) -> None:
+    """Until the server answers a one-token request (its model is loaded and warm)."""
+    from rlhf.v1 import inference_pb2, inference_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the policy server exited with {process.returncode}")
+            try:
+                request = inference_pb2.GenerateRequest(
+                    prompt="warm up",
+                    parameters=inference_pb2.GenerationParameters(max_new_tokens=4),
+                )
+                stub.Generate(request, timeout=30)
+                return
+            except grpc.RpcError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(120)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def _grpc(port: int, texts: list[str], c: int, s: Settings, stream: bool) -> Run:
+    return grpc_run(port, texts, c, s, stream)
+
+
+def _static(model, tok, ids: list[list[int]], batch: int, s: Settings, _stream: bool) -> Run:
+    return static_run(model, tok, ids, batch, s)
+
+
+def summarise(runs: list[Run]) -> dict[str, float]:
+    """Medians over rounds of tokens/s and of each round's latency and TTFT percentiles."""
+
+    def med(f: Callable[[Run], float]) -> float:
+        return round(statistics.median(f(r) for r in runs), 4)
+
+    out = {
+        "tokens_per_s": round(statistics.median(r.tokens_per_s for r in runs), 1),
+        "p50_s": med(lambda r: percentile(r.latencies, 50)),
+        "p99_s": med(lambda r: percentile(r.latencies, 99)),
+    }
+    if all(r.ttfts for r in runs):
+        out["ttft_p50_s"] = med(lambda r: percentile(r.ttfts, 50))
+        out["ttft_p99_s"] = med(lambda r: percentile(r.ttfts, 99))
+    return out
+
+
+def vllm_reason(model_path: Path, args: argparse.Namespace) -> str:
+    """Why vLLM cannot run here (empty when it can)."""
+    if args.no_vllm:
+        return "--no-vllm"
+    config = json.loads((model_path / "config.json").read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    if args.device == "cpu" and head_dim < 32:
+        return f"vLLM's CPU attention needs head_dim >= 32, this model has {head_dim}"
+    from services.policy.engines.vllm import vllm_python
+
+    try:
+        vllm_python(build=True)
+    except RuntimeError as exc:
+        return f"vLLM's environment could not be built: {exc}"
+    return ""
+
+
+def bench_size(size: str, args: argparse.Namespace, tmp: Path) -> dict:
+    model_path = build_tiny(tmp / size, seed=0, size=size)
+    model, tok = load_policy(
+        model_path,
+        torch.device(args.device),
+        None if args.dtype == "auto" else getattr(torch, args.dtype),
     )
+    texts = prompts(args.requests)
+    ids = [list(tok(t)["input_ids"]) for t in texts]
+    levels = [int(c) for c in args.concurrency.split(",")]
+    top = max(levels)
+    servers: dict[str, tuple[int, subprocess.Popen]] = {}
+    vllm_alone = None
+    skipped = vllm_reason(model_path, args)
+    try:
+        for kind in ["native"] + ([] if skipped else ["vllm"]):
+            port = free_port()
+            servers[kind] = (port, start_server(model_path, port, args, kind))
+        if not skipped:
+            from services.policy.config import VLLMConfig
+            from services.policy.engines.vllm import VLLMEngine
+
+            alone_engine = VLLMEngine(
+                CollectorRegistry(),
+                VLLMConfig(threads=args.threads),
+                max_seq_len=512,
+                dtype=args.dtype,
+            )
+            vllm_alone = alone_engine.load(model_path, "bench")
+            alone_engine.warm_up(vllm_alone)
+        for port, process in servers.values():
+            wait_ready(port, process, 900)
+        peers: dict[str, Callable[[Settings, bool], Run]] = {}
+        native = servers["native"][0]
+        for c in levels:
+            peers[f"engine c{c}"] = functools.partial(_grpc, native, texts, c)
+        for b in levels:
+            peers[f"static b{b}"] = functools.partial(_static, model, tok, ids, b)
+        if not skipped:
+            vport = servers["vllm"][0]
+            peers[f"vllm-engine c{top}"] = lambda s, st: grpc_run(vport, texts, top, s, st)
+            url = vllm_alone.url  # type: ignore[union-attr]
+            peers[f"vllm c{top}"] = lambda s, st: openai_run(url, "bench", ids, top, s, st)
+        result: dict = {
+            "size": size,
+            "weights_mb": round(
+                sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 1
+            ),
+        }
+        for mode in ("greedy", "sampled"):
+            settings = Settings(args.max_new_tokens, sampled=mode == "sampled")
+            for run in peers.values():  # warm-up, not counted
+                run(Settings(4, settings.sampled), False)
+            rounds: dict[str, list[Run]] = {name: [] for name in peers}
+            ttft: dict[str, list[Run]] = {name: [] for name in peers}
+            for _ in range(args.rounds):
+                for name, run in peers.items():
+                    rounds[name].append(run(settings, False))
+                    if not name.startswith("static"):
+                        ttft[name].append(run(settings, True))
+            table = {}
+            for name in peers:
+                row = summarise(rounds[name])
+                if ttft[name]:
+                    streamed = summarise(ttft[name])
+                    row["ttft_p50_s"], row["ttft_p99_s"] = (
+                        streamed["ttft_p50_s"],
+                        streamed["ttft_p99_s"],
+                    )
+                elif rounds[name][0].ttfts:
+                    row |= {
+                        k: v for k, v in summarise(rounds[name]).items() if k.startswith("ttft")
+                    }
+                table[name] = row
+            if not args.no_hf_cb:
+                fresh, _ = load_policy(model_path, torch.device(args.device))
+                table["hf-continuous"] = summarise([hf_continuous_run(fresh, tok, ids, settings)])
+            engine = table[f"engine c{top}"]["tokens_per_s"]
+            ratios = {
+                f"engine_c{top}_vs_static_b{top}": round(
+                    engine / table[f"static b{top}"]["tokens_per_s"], 2
+                )
+            }
+            if not skipped:
+                ratios[f"engine_c{top}_vs_vllm_c{top}"] = round(
+                    engine / table[f"vllm c{top}"]["tokens_per_s"], 2
+                )
+                ratios[f"vllm_engine_vs_vllm_c{top}"] = round(
+                    table[f"vllm-engine c{top}"]["tokens_per_s"]
+                    / table[f"vllm c{top}"]["tokens_per_s"],
+                    2,
+                )
+            if "hf-continuous" in table:
+                ratios[f"engine_c{top}_vs_hf_continuous"] = round(
+                    engine / table["hf-continuous"]["tokens_per_s"], 2
+                )
+            result[mode] = {"table": table, "ratios": ratios}
+            print_table(size, mode, table, ratios, skipped)
+        if skipped:
+            result["vllm_skipped"] = skipped
+        if args.device.startswith("cuda"):
+            result |= roofline(model, result)
+        return result
+    finally:
+        for _, process in servers.values():
+            stop(process)
+        if vllm_alone is not None:
+            alone_engine.unload(vllm_alone)
 
 
-async def wait_ready(port: int, timeout_s: float) -> None:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        await asyncio.wait_for(channel.channel_ready(), timeout_s)
+def print_table(size: str, mode: str, table: dict, ratios: dict, skipped: str) -> None:
+    print(f"\n{size} / {mode}: tokens/s, request latency and time to first token (s)", flush=True)
+    print(f"  {'peer':<18}{'tok/s':>10}{'p50':>9}{'p99':>9}{'ttft p50':>10}{'ttft p99':>10}")
+    for name, row in table.items():
+        cells = [row.get(k, float("nan")) for k in ("p50_s", "p99_s", "ttft_p50_s", "ttft_p99_s")]
+        print(f"  {name:<18}{row['tokens_per_s']:>10.0f}" + "".join(f"{c:>9.3f} " for c in cells))
+    if skipped:
+        print(f"  vLLM skipped: {skipped}")
+    print("  ratios: " + ", ".join(f"{k} {v}x" for k, v in ratios.items()), flush=True)
+
+
+def roofline(model: torch.nn.Module, result: dict) -> dict:
+    name = torch.cuda.get_device_name()
+    bandwidth = next((bw for key, bw in BANDWIDTH_GBS.items() if key in name), None)
+    if not bandwidth:
+        return {"device": name}
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bound = bandwidth * 1e9 / weight_bytes
+    c1 = result["greedy"]["table"].get("engine c1", {}).get("tokens_per_s", 0.0)
+    return {
+        "device": name, "bandwidth_gbs": bandwidth,
+        "single_stream_bound_tokens_per_s": round(bound, 1),
+        "c1_fraction_of_bound": round(c1 / bound, 3),
+    }  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model-path", help="model directory (default: build one with --size)")
     parser.add_argument(
-        "--size", default="tiny", help="rlhf.models size when building: tiny, small, 0.5b"
+        "--sizes", default="tiny,small", help="rlhf.models sizes: tiny, small, 0.5b"
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    # One thread each: on a small shared machine, OpenMP threads waiting on a descheduled
-    # sibling slow both the server and the baseline by up to 10x, and make runs incomparable.
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads for server and baseline"
-    )
+    parser.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads per process")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--concurrency", default="1,8,32")
-    parser.add_argument("--requests-per-worker", type=int, default=3)
-    parser.add_argument("--baseline-requests", type=int, default=12)
-    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=32, help="distinct prompts per run")
+    parser.add_argument(
+        "--concurrency", default="1,8,32", help="client concurrency = static batch sizes"
+    )
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-vllm", action="store_true", help="skip vLLM (engine and server)")
+    parser.add_argument(
+        "--no-hf-cb", action="store_true", help="skip transformers' continuous batching"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    levels = [int(c) for c in args.concurrency.split(",")]
-
+    report: dict = {"bench": "serving", "device": args.device, "threads": args.threads,
+                    "max_new_tokens": args.max_new_tokens, "requests": args.requests}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        model_path = (
-            Path(args.model_path)
-            if args.model_path
-            else build_tiny(Path(tmp) / "policy", seed=0, size=args.size)
-        )
-        port = free_port()
-        server = start_server(model_path, port, args)
-        try:
-            asyncio.run(wait_ready(port, 300))
-            # Warm-up: first calls pay allocator and kernel set-up.
-            asyncio.run(drive(port, prompts(4), 4, args, 8))
-            results = {}
-            for c in levels:
-                texts = prompts(max(c * args.requests_per_worker, 8))
-                results[f"c{c}"] = asyncio.run(drive(port, texts, c, args, args.max_new_tokens))
-                print(json.dumps(results[f"c{c}"]), flush=True)
-            one_token = asyncio.run(drive(port, prompts(40), 1, args, 1))
-        finally:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(60)
-            except subprocess.TimeoutExpired:
-                server.kill()
-        # The baseline runs with the server gone, so it has the machine to itself.
-        base = baseline(model_path, prompts(args.baseline_requests), args, args.max_new_tokens)
-        print(json.dumps({"baseline": base}), flush=True)
-        base_one = baseline(model_path, prompts(40), args, 1)
-
-    top = results[f"c{max(levels)}"]
-    report: dict = {
-        "bench": "serving",
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-        "model_size": args.size if not args.model_path else args.model_path,
-        "weights_mb": round(base["weight_bytes"] / 2**20, 1),
-        "max_new_tokens": args.max_new_tokens,
-        "baseline_tokens_per_s": round(base["tokens_per_s"], 1),
-        "baseline_p50_s": round(base["p50_s"], 4),
-        "baseline_p99_s": round(base["p99_s"], 4),
-    }
-    for key, r in results.items():
-        report[f"{key}_tokens_per_s"] = round(r["tokens_per_s"], 1)
-        report[f"{key}_p50_s"] = round(r["p50_s"], 4)
-        report[f"{key}_p99_s"] = round(r["p99_s"], 4)
-    report[f"speedup_c{max(levels)}"] = round(top["tokens_per_s"] / base["tokens_per_s"], 2)
-    report["grpc_1token_p50_ms"] = round(one_token["p50_s"] * 1000, 2)
-    report["generate_1token_p50_ms"] = round(base_one["p50_s"] * 1000, 2)
-    report["grpc_overhead_p50_ms"] = round((one_token["p50_s"] - base_one["p50_s"]) * 1000, 2)
-    if args.device.startswith("cuda"):
-        name = torch.cuda.get_device_name()
-        bandwidth = next((bw for key, bw in BANDWIDTH_GBS.items() if key in name), None)
-        if bandwidth:
-            bound = bandwidth * 1e9 / base["weight_bytes"]
-            report["bandwidth_gbs"] = bandwidth
-            report["single_stream_bound_tokens_per_s"] = round(bound, 1)
-            report["c1_fraction_of_bound"] = round(
-                results.get("c1", top)["tokens_per_s"] / bound, 3
-            )
+        for size in args.sizes.split(","):
+            report[size] = bench_size(size, args, Path(tmp))
     print(json.dumps(report))
     return 0
 

@@ -19,13 +19,18 @@ torch.set_num_threads(int(os.environ.get("RLHF_TEST_TORCH_THREADS", "1")))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """GPU tests run where torch sees a GPU; elsewhere they are deselected, and reported so."""
-    if torch.cuda.is_available():
-        return
-    gpu = [item for item in items if "gpu" in item.keywords]
-    if gpu:
-        config.hook.pytest_deselected(items=gpu)
-        items[:] = [item for item in items if "gpu" not in item.keywords]
+    """GPU tests run where torch sees a GPU; vLLM tests with ``make test-vllm`` (which builds
+    vLLM's environment and sets RLHF_VLLM_TESTS=1). Elsewhere they are deselected, and reported
+    so."""
+    skip = set()
+    if not torch.cuda.is_available():
+        skip.add("gpu")
+    if os.environ.get("RLHF_VLLM_TESTS") != "1":
+        skip.add("vllm")
+    gone = [item for item in items if skip & set(item.keywords)]
+    if gone:
+        config.hook.pytest_deselected(items=gone)
+        items[:] = [item for item in items if not skip & set(item.keywords)]
 
 
 def start_broker(data_dir: Path) -> LocalKafka:

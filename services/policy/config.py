@@ -74,8 +74,8 @@ class VLLMConfig:
         "share of GPU memory each version's vLLM process takes (weights + KV cache); a swap "
         "runs two side by side, so keep it under 0.5",
     )
-    cpu_kv_cache_gb: float = option(
-        1.0, "KV cache per process on CPU builds (VLLM_CPU_KVCACHE_SPACE)"
+    cpu_kv_cache_gb: int = option(
+        1, "KV cache GiB per process on CPU builds (VLLM_CPU_KVCACHE_SPACE)"
     )
     tensor_parallel_size: int = option(1, "GPUs per version (vLLM --tensor-parallel-size)")
     max_num_seqs: int = option(0, "vLLM --max-num-seqs (0: engine.max_batch_size)")

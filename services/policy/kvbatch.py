@@ -35,6 +35,8 @@ from torch import Tensor
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from services.policy.lean import LeanDecoder
+
 ATTENTION = "rlhf_slots"
 
 
@@ -78,49 +80,66 @@ def slot_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
-    step = rlhf_step
     layer = int(module.layer_idx)  # type: ignore[arg-type]
+    # (1, heads, T, hd) -> (T, heads, hd) and back to (1, T, heads, hd).
+    out = attend(
+        rlhf_step,
+        layer,
+        query[0].transpose(0, 1),
+        key[0].transpose(0, 1),
+        value[0].transpose(0, 1),
+        scaling,
+    )
+    return out[None], None
+
+
+def attend(
+    step: _Step, layer: int, q: Tensor, k: Tensor, v: Tensor, scaling: float | None
+) -> Tensor:
+    """Writes the packed tokens' keys and values into their slots, then attends.
+
+    ``q``: (T, heads, hd), ``k``/``v``: (T, kv_heads, hd) for the step's packed tokens;
+    returns (T, heads, hd).
+    """
     keys, values = step.cache.k[layer], step.cache.v[layer]
-    gqa = query.shape[1] != key.shape[1]
+    gqa = q.shape[1] != k.shape[1]
     d = step.decode_count
     outs = []
     if d:
-        # (1, H, D, hd) -> (D, H, hd), written at each sequence's own position.
-        keys[step.decode_slots, :, step.decode_positions] = key[0, :, :d].transpose(0, 1)
-        values[step.decode_slots, :, step.decode_positions] = value[0, :, :d].transpose(0, 1)
+        # Each decoding sequence's new key and value go to its own slot and position.
+        keys[step.decode_slots, :, step.decode_positions] = k[:d]
+        values[step.decode_slots, :, step.decode_positions] = v[:d]
     for slot, offset, start, length in step.chunks:
-        keys[slot, :, start : start + length] = key[0, :, offset : offset + length]
-        values[slot, :, start : start + length] = value[0, :, offset : offset + length]
+        keys[slot, :, start : start + length] = k[offset : offset + length].transpose(0, 1)
+        values[slot, :, start : start + length] = v[offset : offset + length].transpose(0, 1)
     if d:
-        q = query[0, :, :d].transpose(0, 1)  # (D, H, hd)
+        qd = q[:d]
         if not step.dense:
-            full = q.new_zeros(step.hi, q.shape[1], q.shape[2])
-            full[step.decode_slots] = q
-            q = full
+            full = qd.new_zeros(step.hi, qd.shape[1], qd.shape[2])
+            full[step.decode_slots] = qd
+            qd = full
         out = torch.nn.functional.scaled_dot_product_attention(
-            q[:, :, None],
+            qd[:, :, None],
             keys[: step.hi, :, : step.span],
             values[: step.hi, :, : step.span],
             attn_mask=step.decode_mask,
             scale=scaling,
             enable_gqa=gqa,
         )[:, :, 0]
-        if not step.dense:
-            out = out[step.decode_slots]
-        outs.append(out[None])  # (1, D, H, hd)
+        outs.append(out if step.dense else out[step.decode_slots])  # (D, heads, hd)
     for slot, offset, start, length in step.chunks:
-        q = query[:, :, offset : offset + length]
-        k = keys[slot : slot + 1, :, : start + length]
-        v = values[slot : slot + 1, :, : start + length]
+        qc = q[offset : offset + length].transpose(0, 1)[None]
+        kc = keys[slot : slot + 1, :, : start + length]
+        vc = values[slot : slot + 1, :, : start + length]
         mask = None
         if start:
             rows = torch.arange(start, start + length, device=q.device)[:, None]
             mask = torch.arange(start + length, device=q.device)[None, :] <= rows
         out = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=not start, scale=scaling, enable_gqa=gqa
+            qc, kc, vc, attn_mask=mask, is_causal=not start, scale=scaling, enable_gqa=gqa
         )
-        outs.append(out.transpose(1, 2))  # (1, L, H, hd)
-    return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), None
+        outs.append(out[0].transpose(0, 1))  # (L, heads, hd)
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
 
 AttentionInterface.register(ATTENTION, slot_attention)
@@ -159,8 +178,10 @@ class SlotCache:
         self.device = param.device
         self.lengths = [0] * slots  # tokens held per slot
         self._free = list(range(slots))
-        if model.config._attn_implementation != ATTENTION:
-            # Other callers of this model (warm-up, scoring) get plain SDPA from slot_attention.
+        # Llama-family decoders run a lean forward of their own; others go through transformers'
+        # forward with ``slot_attention`` (other callers of the model still get plain SDPA).
+        self.lean = LeanDecoder.of(model)
+        if self.lean is None and model.config._attn_implementation != ATTENTION:
             model.set_attn_implementation(ATTENTION)
 
     @property
@@ -239,20 +260,28 @@ class SlotCache:
             decode_mask=mask,
             chunks=plan,
         )
-        out = self.model(
-            input_ids=torch.tensor([ids], dtype=torch.long, device=device),
-            position_ids=torch.tensor([pos], dtype=torch.long, device=device),
-            # A 4D mask is taken as already built: transformers makes none of its own.
-            attention_mask=_NO_MASK.to(device),
-            use_cache=False,
-            logits_to_keep=torch.tensor(keep, device=device),
-            rlhf_step=step,
-        )
+        ids_t = torch.tensor(ids, dtype=torch.long, device=device)
+        pos_t = torch.tensor(pos, dtype=torch.long, device=device)
+        keep_t = torch.tensor(keep, device=device)
+        if self.lean is not None:
+            logits = self.lean.forward(
+                ids_t, pos_t, keep_t, lambda layer, q, k, v, sc: attend(step, layer, q, k, v, sc)
+            )
+        else:
+            logits = self.model(
+                input_ids=ids_t[None],
+                position_ids=pos_t[None],
+                # A 4D mask is taken as already built: transformers makes none of its own.
+                attention_mask=_NO_MASK.to(device),
+                use_cache=False,
+                logits_to_keep=keep_t,
+                rlhf_step=step,
+            ).logits[0]
         for s in decode_slots:
             self.lengths[s] += 1
         for chunk in chunks:
             self.lengths[chunk.slot] = chunk.start + len(chunk.tokens)
-        return out.logits[0].float()
+        return logits.float()
 
 
 _NO_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)
