@@ -1,5 +1,5 @@
 """Serving benchmark: the policy server's engines against their peers, on the same model, the
-same 32 prompts and the same settings, in one run.
+same 32 prompts (each served 3 times per run) and the same settings, in one run.
 
     PYTHONPATH=. python bench/bench_serving.py                       # tiny + small, CPU
     PYTHONPATH=. python bench/bench_serving.py --sizes small --no-vllm
@@ -169,7 +169,9 @@ def bench_size(size: str, args: argparse.Namespace, tmp: Path) -> dict:
         torch.device(args.device),
         None if args.dtype == "auto" else getattr(torch, args.dtype),
     )
-    texts = prompts(args.requests)
+    # The same prompts several times over: the servers reach a steady state, and the static
+    # baseline runs as many full batches.
+    texts = prompts(args.prompts) * args.passes
     ids = [list(tok(t)["input_ids"]) for t in texts]
     levels = [int(c) for c in args.concurrency.split(",")]
     top = max(levels)
@@ -309,7 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads per process")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--requests", type=int, default=32, help="distinct prompts per run")
+    parser.add_argument("--prompts", type=int, default=32, help="distinct prompts")
+    parser.add_argument(
+        "--passes", type=int, default=3, help="each run serves the prompts this many times over"
+    )
     parser.add_argument(
         "--concurrency", default="1,8,32", help="client concurrency = static batch sizes"
     )
@@ -321,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     report: dict = {"bench": "serving", "device": args.device, "threads": args.threads,
-                    "max_new_tokens": args.max_new_tokens, "requests": args.requests}  # fmt: skip
+                    "max_new_tokens": args.max_new_tokens, "prompts": args.prompts, "passes": args.passes}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes.split(","):
             report[size] = bench_size(size, args, Path(tmp))

@@ -50,8 +50,13 @@ class EngineConfig:
         "KV slot length in tokens (native; 0: limits.max_input_tokens + limits.max_new_tokens)",
     )
     torch_threads: int = option(0, "torch CPU threads (0: torch's default)")
+    switch_interval_ms: float = option(
+        0.5, "Python's thread switch interval: how long the event loop may wait for the GIL"
+    )
 
     def __post_init__(self) -> None:
+        if self.switch_interval_ms <= 0:
+            raise ValueError("engine.switch_interval_ms must be > 0")
         if self.kind not in ENGINES:
             raise ValueError(f"engine.kind must be one of {', '.join(ENGINES)}, got {self.kind!r}")
         if min(self.max_batch_size, self.max_queue, self.max_step_tokens) < 1:

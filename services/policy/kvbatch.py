@@ -60,7 +60,7 @@ class _Step:
     hi: int  # decode attention spans slots [0, hi) ...
     span: int  # ... and positions [0, span)
     dense: bool  # the decoding slots are exactly 0..hi-1, in order: no query scatter
-    decode_mask: Tensor | None  # (hi, 1, 1, span) bool
+    decode_bias: Tensor | None  # (hi, 1, 1, span): 0 where a slot attends, -inf elsewhere
     chunks: list[tuple[int, int, int, int]]  # (slot, packed offset, cache start, length)
 
 
@@ -118,14 +118,14 @@ def attend(
             full = qd.new_zeros(step.hi, qd.shape[1], qd.shape[2])
             full[step.decode_slots] = qd
             qd = full
-        out = torch.nn.functional.scaled_dot_product_attention(
-            qd[:, :, None],
-            keys[: step.hi, :, : step.span],
-            values[: step.hi, :, : step.span],
-            attn_mask=step.decode_mask,
-            scale=scaling,
-            enable_gqa=gqa,
-        )[:, :, 0]
+        # One query per slot: plain batched matmuls over the cache where it lies (cheaper than
+        # SDPA's kernels at this shape); grouped query heads share their key/value head.
+        kv_heads = keys.shape[1]
+        qg = qd.reshape(qd.shape[0], kv_heads, -1, qd.shape[2])  # (hi, kv_heads, group, hd)
+        scores = torch.matmul(qg, keys[: step.hi, :, : step.span].transpose(-1, -2))
+        scores = scores.mul_(scaling if scaling is not None else qd.shape[-1] ** -0.5)
+        probs = torch.softmax(scores.add_(step.decode_bias), dim=-1)  # type: ignore[arg-type]
+        out = torch.matmul(probs, values[: step.hi, :, : step.span]).view(qd.shape)
         outs.append(out if step.dense else out[step.decode_slots])  # (D, heads, hd)
     for slot, offset, start, length in step.chunks:
         qc = q[offset : offset + length].transpose(0, 1)[None]
@@ -240,15 +240,15 @@ class SlotCache:
         hi = max(decode_slots) + 1 if d else 0
         span = max(positions) + 1 if d else 0
         slots_t = torch.tensor(list(decode_slots), dtype=torch.long, device=device)
-        mask = None
+        bias = None
         if d:
             # Slots in [0, hi) that do not decode this step (free, or prefilling) attend to
             # position 0 only: their output is thrown away, but it must not be NaN.
             lengths = torch.zeros(hi, dtype=torch.long, device=device)
             lengths[slots_t] = torch.tensor(positions, dtype=torch.long, device=device)
-            mask = (torch.arange(span, device=device)[None, :] <= lengths[:, None])[
-                :, None, None, :
-            ]
+            mask = torch.arange(span, device=device)[None, :] <= lengths[:, None]
+            bias = torch.zeros(mask.shape, dtype=self.k.dtype, device=device)
+            bias = bias.masked_fill_(~mask, float("-inf"))[:, None, None, :]
         step = _Step(
             cache=self,
             decode_count=d,
@@ -257,7 +257,7 @@ class SlotCache:
             hi=hi,
             span=span,
             dense=list(decode_slots) == list(range(hi)),
-            decode_mask=mask,
+            decode_bias=bias,
             chunks=plan,
         )
         ids_t = torch.tensor(ids, dtype=torch.long, device=device)

@@ -181,6 +181,7 @@ class VLLMEngine:
             "--tensor-parallel-size", str(cfg.tensor_parallel_size),
             # The model directory's generation_config.json must not change our parameters.
             "--generation-config", "vllm",
+            "--disable-uvicorn-access-log",  # a log line per request costs the server time
             *cfg.extra_args,
         ]  # fmt: skip
 
