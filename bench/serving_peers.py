@@ -18,7 +18,7 @@ import grpc
 import torch
 from transformers import GenerationConfig
 
-from rlhf.models import pad
+from rlhf.encoding import pad
 from rlhf.v1 import inference_pb2, inference_pb2_grpc
 
 
