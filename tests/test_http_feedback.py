@@ -1,11 +1,18 @@
 """Feedback over plain HTTP/JSON, and bad input at every HTTP door: a ranking built from an
 OpenAI-SDK response reaches Kafka exactly once, and malformed, mistyped, unknown, oversized or
-unauthenticated requests get the right status and error body with nothing written to Kafka."""
+unauthenticated requests get the right status and error body with nothing written to Kafka.
+The README's HTTP examples run here as written, against the same running servers."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import re
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -15,8 +22,10 @@ from prometheus_client import CollectorRegistry
 
 from rlhf import topics
 from rlhf.kafka_local import LocalKafka
-from rlhf.models import build_tiny
+from rlhf.models import InitConfig, init_models
 from services.policy.server import PolicyServer
+from services.reward.config import ModelConfig, RewardRuntimeConfig, RewardServerConfig
+from services.reward.server import RewardServer
 from tests.conftest import start_broker
 from tests.test_feedback_gateway import Gateway, read_events, start_gateway
 from tests.test_http_openai import KEY, served
@@ -24,6 +33,9 @@ from tests.test_policy_server import VERSION, make_config
 
 FEEDBACK_KEY = "feedback-key-1"
 ORIGIN = "https://label.example.com"
+ROOT = Path(__file__).resolve().parents[1]
+# The keys of the README's serving examples, accepted next to the tests' own.
+README_KEYS = "my-infer-key infer; my-feedback-key feedback"
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +46,16 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
 
 
 @pytest.fixture(scope="module")
-def policy(tmp_path_factory: pytest.TempPathFactory, broker: LocalKafka) -> Iterator[str]:
-    model = build_tiny(tmp_path_factory.mktemp("http-feedback") / "tiny", seed=0)
-    srv = PolicyServer(make_config(model, broker.bootstrap_servers), CollectorRegistry())
+def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return init_models(InitConfig(out=str(tmp_path_factory.mktemp("http-feedback") / "tiny")))
+
+
+@pytest.fixture(scope="module")
+def policy(models: tuple[Path, Path], broker: LocalKafka) -> Iterator[str]:
+    config = make_config(models[0], broker.bootstrap_servers)
+    keys = f"{config.runtime.api_keys}; {README_KEYS}"
+    config = dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, api_keys=keys))
+    srv = PolicyServer(config, CollectorRegistry())
     srv.start_in_thread()
     yield f"http://127.0.0.1:{srv.runtime.http_port}"
     srv.stop_in_thread()
@@ -44,7 +63,7 @@ def policy(tmp_path_factory: pytest.TempPathFactory, broker: LocalKafka) -> Iter
 
 @pytest.fixture(scope="module")
 def gateway(broker: LocalKafka) -> Iterator[Gateway]:
-    keys = f"{FEEDBACK_KEY} feedback; {KEY} infer"
+    keys = f"{FEEDBACK_KEY} feedback; {KEY} infer; {README_KEYS}"
     gw = start_gateway(broker.bootstrap_servers, api_keys=keys, cors=(ORIGIN,))
     yield gw
     gw.stop()
@@ -193,3 +212,53 @@ def test_bad_input_gets_the_right_status_and_nothing_reaches_kafka(
     assert not set(served(broker.bootstrap_servers, good)) & set(bad_ids)
     stored = read_events(broker.bootstrap_servers, [topics.COMPARISONS, topics.DEMONSTRATIONS])
     assert not {r.value.idempotency_key for r in stored} & set(bad_ids)
+
+
+def readme_http_blocks() -> list[tuple[str, str]]:
+    """(language, code) of every python and bash block in the README's HTTP section."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## HTTP APIs", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```(python|bash)\n(.*?)```", section, flags=re.S)
+
+
+def test_the_readme_http_examples_work_as_written(
+    policy: str, feedback_url: str, models: tuple[Path, Path], tmp_path: Path
+) -> None:
+    config = RewardServerConfig(
+        model=ModelConfig(path=str(models[1]), device="cpu"),
+        runtime=RewardRuntimeConfig(
+            host="127.0.0.1", port=0, metrics_port=-1, http_host="127.0.0.1", http_port=0,
+            api_keys=README_KEYS,
+        ),
+    )  # fmt: skip
+    reward = RewardServer(config, CollectorRegistry())
+    reward.start_in_thread()
+    ports = {
+        "localhost:8001": policy.removeprefix("http://"),
+        "localhost:8002": f"127.0.0.1:{reward.runtime.http_port}",
+        "localhost:8003": feedback_url.removeprefix("http://").removesuffix("/v1/feedback"),
+    }
+    blocks = readme_http_blocks()
+    assert [language for language, _ in blocks] == ["python", "python", "bash"]
+    outputs = []
+    try:
+        for i, (language, code) in enumerate(blocks):
+            for written, running in ports.items():
+                code = code.replace(written, running)
+            script = tmp_path / f"block{i}.{'py' if language == 'python' else 'sh'}"
+            script.write_text(code)
+            command = [sys.executable] if language == "python" else ["bash", "-euo", "pipefail"]
+            done = subprocess.run(
+                [*command, str(script)],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+            )
+            assert done.returncode == 0, f"README block {i}:\n{done.stdout}\n{done.stderr}"
+            outputs.append(done.stdout)
+    finally:
+        reward.stop_in_thread()
+    assert "'duplicate': False" in outputs[0] and VERSION in outputs[0]
+    assert VERSION in outputs[1]
+    assert '"rewards"' in outputs[2] and '"duplicate":false' in outputs[2]
