@@ -53,6 +53,11 @@ def texts(*values: str) -> list[feedback_pb2.ResponseRef]:
 
 def test_valid_comparison_with_ties_and_generation_ids_passes() -> None:
     validate_comparison(comparison(), LIMITS)
+    judged = [
+        feedback_pb2.ResponseRef(text="a", quality=7, flags=[1, 2, 11]),
+        feedback_pb2.ResponseRef(generation_id="g", quality=1),
+    ]
+    validate_comparison(comparison(responses=judged, ranks=[1, 2]), LIMITS)
     validate_comparison(comparison(responses=texts("a", "b"), ranks=[2, 1]), LIMITS)
 
 
@@ -107,6 +112,41 @@ def test_valid_comparison_with_ties_and_generation_ids_passes() -> None:
         ({"user_id": " "}, "missing_field", "user_id: required"),
         ({"idempotency_key": ""}, "missing_field", "idempotency_key: required"),
         ({"idempotency_key": "k" * 21}, "too_long", "idempotency_key: 21 characters"),
+        (
+            {
+                "responses": [feedback_pb2.ResponseRef(text="a", quality=8), *texts("b")],
+                "ranks": [1, 2],
+            },
+            "quality",
+            "responses[0].quality: 8; the quality score runs 1..7",
+        ),
+        (
+            {
+                "responses": [*texts("a"), feedback_pb2.ResponseRef(text="b", flags=[2, 99])],
+                "ranks": [1, 2],
+            },
+            "flags",
+            "responses[1].flags[1]: 99 is not a known flag",
+        ),
+        (
+            {
+                "responses": [feedback_pb2.ResponseRef(generation_id="g", flags=[0]), *texts("b")],
+                "ranks": [1, 2],
+            },
+            "flags",
+            "responses[0].flags[0]: 0 is not a known flag",
+        ),
+        (
+            {
+                "responses": [
+                    feedback_pb2.ResponseRef(text="a", flags=[2, 4, 2] * 1000),
+                    *texts("b"),
+                ],
+                "ranks": [1, 2],
+            },
+            "flags",
+            "responses[0].flags[2]: RESPONSE_FLAG_HALLUCINATION is given twice",
+        ),
     ],
 )
 def test_invalid_comparison_says_why(

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from rlhf.v1 import inference_pb2 as rlhf_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rlhf/v1/events.proto\x12\x07rlhf.v1\x1a\x17rlhf/v1/inference.proto\"\x89\x01\n\x0fGeneratedSample\x12\x15\n\rgeneration_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12,\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x15.rlhf.v1.FinishReason\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x10\n\x08logprobs\x18\x05 \x03(\x02\"\x84\x02\n\x10ServedGeneration\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x15\n\rcreated_at_ms\x18\x02 \x01(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12\x31\n\nparameters\x18\x05 \x01(\x0b\x32\x1d.rlhf.v1.GenerationParameters\x12\x15\n\rmodel_version\x18\x06 \x01(\t\x12\x0f\n\x07user_id\x18\x07 \x01(\t\x12\x1d\n\x05split\x18\x08 \x01(\x0e\x32\x0e.rlhf.v1.Split\x12)\n\x07samples\x18\t \x03(\x0b\x32\x18.rlhf.v1.GeneratedSample\"\x7f\n\x0eRankedResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rgeneration_id\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x10\n\x08logprobs\x18\x05 \x03(\x02\x12\x0c\n\x04rank\x18\x06 \x01(\r\"\xe7\x01\n\x0f\x43omparisonEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x15\n\rcreated_at_ms\x18\x02 \x01(\x03\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12*\n\tresponses\x18\x04 \x03(\x0b\x32\x17.rlhf.v1.RankedResponse\x12\x12\n\nlabeler_id\x18\x05 \x01(\t\x12\x0f\n\x07user_id\x18\x06 \x01(\t\x12\x1d\n\x05split\x18\x07 \x01(\x0e\x32\x0e.rlhf.v1.Split\x12\x17\n\x0fidempotency_key\x18\x08 \x01(\t\x12\x12\n\nredactions\x18\t \x01(\r\"\xd0\x01\n\x12\x44\x65monstrationEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x15\n\rcreated_at_ms\x18\x02 \x01(\x03\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x10\n\x08response\x18\x04 \x01(\t\x12\x12\n\nlabeler_id\x18\x05 \x01(\t\x12\x0f\n\x07user_id\x18\x06 \x01(\t\x12\x1d\n\x05split\x18\x07 \x01(\x0e\x32\x0e.rlhf.v1.Split\x12\x17\n\x0fidempotency_key\x18\x08 \x01(\t\x12\x12\n\nredactions\x18\t \x01(\r\"\xe1\x02\n\nModelEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x15\n\rcreated_at_ms\x18\x02 \x01(\x03\x12%\n\x04kind\x18\x03 \x01(\x0e\x32\x17.rlhf.v1.ModelEventKind\x12 \n\x04role\x18\x04 \x01(\x0e\x32\x12.rlhf.v1.ModelRole\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x16\n\x0eparent_version\x18\x06 \x01(\t\x12\x0c\n\x04path\x18\x07 \x01(\t\x12\x31\n\x07metrics\x18\x08 \x03(\x0b\x32 .rlhf.v1.ModelEvent.MetricsEntry\x12\x14\n\x0c\x63\x61nary_share\x18\t \x01(\x01\x12\x0e\n\x06reason\x18\n \x01(\t\x12\r\n\x05\x61\x63tor\x18\x0b \x01(\t\x12\x12\n\nround_type\x18\x0c \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*U\n\x05Split\x12\x15\n\x11SPLIT_UNSPECIFIED\x10\x00\x12\x0f\n\x0bSPLIT_TRAIN\x10\x01\x12\x14\n\x10SPLIT_VALIDATION\x10\x02\x12\x0e\n\nSPLIT_TEST\x10\x03*U\n\tModelRole\x12\x1a\n\x16MODEL_ROLE_UNSPECIFIED\x10\x00\x12\x15\n\x11MODEL_ROLE_POLICY\x10\x01\x12\x15\n\x11MODEL_ROLE_REWARD\x10\x02*\x8b\x02\n\x0eModelEventKind\x12 \n\x1cMODEL_EVENT_KIND_UNSPECIFIED\x10\x00\x12\x1e\n\x1aMODEL_EVENT_KIND_PUBLISHED\x10\x01\x12\x1d\n\x19MODEL_EVENT_KIND_PROMOTED\x10\x02\x12 \n\x1cMODEL_EVENT_KIND_ROLLED_BACK\x10\x03\x12\x1b\n\x17MODEL_EVENT_KIND_PINNED\x10\x04\x12\x1d\n\x19MODEL_EVENT_KIND_UNPINNED\x10\x05\x12\x1b\n\x17MODEL_EVENT_KIND_CANARY\x10\x06\x12\x1d\n\x19MODEL_EVENT_KIND_REJECTED\x10\x07\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rlhf/v1/events.proto\x12\x07rlhf.v1\x1a\x17rlhf/v1/inference.proto\"\x89\x01\n\x0fGeneratedSample\x12\x15\n\rgeneration_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12,\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x15.rlhf.v1.FinishReason\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x10\n\x08logprobs\x18\x05 \x03(\x02\"\x84\x02\n\x10ServedGeneration\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x15\n\rcreated_at_ms\x18\x02 \x01(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12\x31\n\nparameters\x18\x05 \x01(\x0b\x32\x1d.rlhf.v1.GenerationParameters\x12\x15\n\rmodel_version\x18\x06 \x01(\t\x12\x0f\n\x07user_id\x18\x07 \x01(\t\x12\x1d\n\x05split\x18\x08 \x01(\x0e\x32\x0e.rlhf.v1.Split\x12)\n\x07samples\x18\t \x03(\x0b\x32\x18.rlhf.v1.GeneratedSample\"\xb6\x01\n\x0eRankedResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rgeneration_id\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x10\n\x08logprobs\x18\x05 \x03(\x02\x12\x0c\n\x04rank\x18\x06 \x01(\r\x12\x0f\n\x07quality\x18\x07 \x01(\r\x12$\n\x05\x66lags\x18\x08 \x03(\x0e\x32\x15.rlhf.v1.ResponseFlag\"\xe7\x01\n\x0f\x43omparisonEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x15\n\rcreated_at_ms\x18\x02 \x01(\x03\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12*\n\tresponses\x18\x04 \x03(\x0b\x32\x17.rlhf.v1.RankedResponse\x12\x12\n\nlabeler_id\x18\x05 \x01(\t\x12\x0f\n\x07user_id\x18\x06 \x01(\t\x12\x1d\n\x05split\x18\x07 \x01(\x0e\x32\x0e.rlhf.v1.Split\x12\x17\n\x0fidempotency_key\x18\x08 \x01(\t\x12\x12\n\nredactions\x18\t \x01(\r\"\xd0\x01\n\x12\x44\x65monstrationEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x15\n\rcreated_at_ms\x18\x02 \x01(\x03\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x10\n\x08response\x18\x04 \x01(\t\x12\x12\n\nlabeler_id\x18\x05 \x01(\t\x12\x0f\n\x07user_id\x18\x06 \x01(\t\x12\x1d\n\x05split\x18\x07 \x01(\x0e\x32\x0e.rlhf.v1.Split\x12\x17\n\x0fidempotency_key\x18\x08 \x01(\t\x12\x12\n\nredactions\x18\t \x01(\r\"\xe1\x02\n\nModelEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x15\n\rcreated_at_ms\x18\x02 \x01(\x03\x12%\n\x04kind\x18\x03 \x01(\x0e\x32\x17.rlhf.v1.ModelEventKind\x12 \n\x04role\x18\x04 \x01(\x0e\x32\x12.rlhf.v1.ModelRole\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x16\n\x0eparent_version\x18\x06 \x01(\t\x12\x0c\n\x04path\x18\x07 \x01(\t\x12\x31\n\x07metrics\x18\x08 \x03(\x0b\x32 .rlhf.v1.ModelEvent.MetricsEntry\x12\x14\n\x0c\x63\x61nary_share\x18\t \x01(\x01\x12\x0e\n\x06reason\x18\n \x01(\t\x12\r\n\x05\x61\x63tor\x18\x0b \x01(\t\x12\x12\n\nround_type\x18\x0c \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*U\n\x05Split\x12\x15\n\x11SPLIT_UNSPECIFIED\x10\x00\x12\x0f\n\x0bSPLIT_TRAIN\x10\x01\x12\x14\n\x10SPLIT_VALIDATION\x10\x02\x12\x0e\n\nSPLIT_TEST\x10\x03*\xc7\x03\n\x0cResponseFlag\x12\x1d\n\x19RESPONSE_FLAG_UNSPECIFIED\x10\x00\x12-\n)RESPONSE_FLAG_FAILS_TO_FOLLOW_INSTRUCTION\x10\x01\x12\x1f\n\x1bRESPONSE_FLAG_HALLUCINATION\x10\x02\x12\x1f\n\x1bRESPONSE_FLAG_INAPPROPRIATE\x10\x03\x12\x1e\n\x1aRESPONSE_FLAG_CONTAINS_PII\x10\x04\x12 \n\x1cRESPONSE_FLAG_SEXUAL_CONTENT\x10\x05\x12!\n\x1dRESPONSE_FLAG_VIOLENT_CONTENT\x10\x06\x12!\n\x1dRESPONSE_FLAG_ENCOURAGES_HARM\x10\x07\x12,\n(RESPONSE_FLAG_DENIGRATES_PROTECTED_CLASS\x10\x08\x12 \n\x1cRESPONSE_FLAG_HARMFUL_ADVICE\x10\t\x12#\n\x1fRESPONSE_FLAG_EXPRESSES_OPINION\x10\n\x12*\n&RESPONSE_FLAG_EXPRESSES_MORAL_JUDGMENT\x10\x0b*U\n\tModelRole\x12\x1a\n\x16MODEL_ROLE_UNSPECIFIED\x10\x00\x12\x15\n\x11MODEL_ROLE_POLICY\x10\x01\x12\x15\n\x11MODEL_ROLE_REWARD\x10\x02*\x8b\x02\n\x0eModelEventKind\x12 \n\x1cMODEL_EVENT_KIND_UNSPECIFIED\x10\x00\x12\x1e\n\x1aMODEL_EVENT_KIND_PUBLISHED\x10\x01\x12\x1d\n\x19MODEL_EVENT_KIND_PROMOTED\x10\x02\x12 \n\x1cMODEL_EVENT_KIND_ROLLED_BACK\x10\x03\x12\x1b\n\x17MODEL_EVENT_KIND_PINNED\x10\x04\x12\x1d\n\x19MODEL_EVENT_KIND_UNPINNED\x10\x05\x12\x1b\n\x17MODEL_EVENT_KIND_CANARY\x10\x06\x12\x1d\n\x19MODEL_EVENT_KIND_REJECTED\x10\x07\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,24 +34,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODELEVENT_METRICSENTRY']._loaded_options = None
   _globals['_MODELEVENT_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_SPLIT']._serialized_start=1391
-  _globals['_SPLIT']._serialized_end=1476
-  _globals['_MODELROLE']._serialized_start=1478
-  _globals['_MODELROLE']._serialized_end=1563
-  _globals['_MODELEVENTKIND']._serialized_start=1566
-  _globals['_MODELEVENTKIND']._serialized_end=1833
+  _globals['_SPLIT']._serialized_start=1447
+  _globals['_SPLIT']._serialized_end=1532
+  _globals['_RESPONSEFLAG']._serialized_start=1535
+  _globals['_RESPONSEFLAG']._serialized_end=1990
+  _globals['_MODELROLE']._serialized_start=1992
+  _globals['_MODELROLE']._serialized_end=2077
+  _globals['_MODELEVENTKIND']._serialized_start=2080
+  _globals['_MODELEVENTKIND']._serialized_end=2347
   _globals['_GENERATEDSAMPLE']._serialized_start=59
   _globals['_GENERATEDSAMPLE']._serialized_end=196
   _globals['_SERVEDGENERATION']._serialized_start=199
   _globals['_SERVEDGENERATION']._serialized_end=459
-  _globals['_RANKEDRESPONSE']._serialized_start=461
-  _globals['_RANKEDRESPONSE']._serialized_end=588
-  _globals['_COMPARISONEVENT']._serialized_start=591
-  _globals['_COMPARISONEVENT']._serialized_end=822
-  _globals['_DEMONSTRATIONEVENT']._serialized_start=825
-  _globals['_DEMONSTRATIONEVENT']._serialized_end=1033
-  _globals['_MODELEVENT']._serialized_start=1036
-  _globals['_MODELEVENT']._serialized_end=1389
-  _globals['_MODELEVENT_METRICSENTRY']._serialized_start=1343
-  _globals['_MODELEVENT_METRICSENTRY']._serialized_end=1389
+  _globals['_RANKEDRESPONSE']._serialized_start=462
+  _globals['_RANKEDRESPONSE']._serialized_end=644
+  _globals['_COMPARISONEVENT']._serialized_start=647
+  _globals['_COMPARISONEVENT']._serialized_end=878
+  _globals['_DEMONSTRATIONEVENT']._serialized_start=881
+  _globals['_DEMONSTRATIONEVENT']._serialized_end=1089
+  _globals['_MODELEVENT']._serialized_start=1092
+  _globals['_MODELEVENT']._serialized_end=1445
+  _globals['_MODELEVENT_METRICSENTRY']._serialized_start=1399
+  _globals['_MODELEVENT_METRICSENTRY']._serialized_end=1445
 # @@protoc_insertion_point(module_scope)

@@ -40,6 +40,54 @@ SPLIT_VALIDATION: Split.ValueType  # 2
 SPLIT_TEST: Split.ValueType  # 3
 Global___Split: _TypeAlias = Split  # noqa: Y015
 
+class _ResponseFlag:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ResponseFlagEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ResponseFlag.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RESPONSE_FLAG_UNSPECIFIED: _ResponseFlag.ValueType  # 0
+    RESPONSE_FLAG_FAILS_TO_FOLLOW_INSTRUCTION: _ResponseFlag.ValueType  # 1
+    """Fails to follow the correct instruction or task."""
+    RESPONSE_FLAG_HALLUCINATION: _ResponseFlag.ValueType  # 2
+    """Makes up facts (closed-domain hallucination included)."""
+    RESPONSE_FLAG_INAPPROPRIATE: _ResponseFlag.ValueType  # 3
+    """Inappropriate for a customer assistant."""
+    RESPONSE_FLAG_CONTAINS_PII: _ResponseFlag.ValueType  # 4
+    """Contains personally identifiable information."""
+    RESPONSE_FLAG_SEXUAL_CONTENT: _ResponseFlag.ValueType  # 5
+    RESPONSE_FLAG_VIOLENT_CONTENT: _ResponseFlag.ValueType  # 6
+    RESPONSE_FLAG_ENCOURAGES_HARM: _ResponseFlag.ValueType  # 7
+    """Encourages or fails to discourage violence, abuse, terrorism or self-harm."""
+    RESPONSE_FLAG_DENIGRATES_PROTECTED_CLASS: _ResponseFlag.ValueType  # 8
+    RESPONSE_FLAG_HARMFUL_ADVICE: _ResponseFlag.ValueType  # 9
+    RESPONSE_FLAG_EXPRESSES_OPINION: _ResponseFlag.ValueType  # 10
+    RESPONSE_FLAG_EXPRESSES_MORAL_JUDGMENT: _ResponseFlag.ValueType  # 11
+
+class ResponseFlag(_ResponseFlag, metaclass=_ResponseFlagEnumTypeWrapper):
+    """A labeler's quick judgement of one response (the paper's labeling metadata). Unknown
+    values are refused by the gateway; consumers may ignore flags they do not use.
+    """
+
+RESPONSE_FLAG_UNSPECIFIED: ResponseFlag.ValueType  # 0
+RESPONSE_FLAG_FAILS_TO_FOLLOW_INSTRUCTION: ResponseFlag.ValueType  # 1
+"""Fails to follow the correct instruction or task."""
+RESPONSE_FLAG_HALLUCINATION: ResponseFlag.ValueType  # 2
+"""Makes up facts (closed-domain hallucination included)."""
+RESPONSE_FLAG_INAPPROPRIATE: ResponseFlag.ValueType  # 3
+"""Inappropriate for a customer assistant."""
+RESPONSE_FLAG_CONTAINS_PII: ResponseFlag.ValueType  # 4
+"""Contains personally identifiable information."""
+RESPONSE_FLAG_SEXUAL_CONTENT: ResponseFlag.ValueType  # 5
+RESPONSE_FLAG_VIOLENT_CONTENT: ResponseFlag.ValueType  # 6
+RESPONSE_FLAG_ENCOURAGES_HARM: ResponseFlag.ValueType  # 7
+"""Encourages or fails to discourage violence, abuse, terrorism or self-harm."""
+RESPONSE_FLAG_DENIGRATES_PROTECTED_CLASS: ResponseFlag.ValueType  # 8
+RESPONSE_FLAG_HARMFUL_ADVICE: ResponseFlag.ValueType  # 9
+RESPONSE_FLAG_EXPRESSES_OPINION: ResponseFlag.ValueType  # 10
+RESPONSE_FLAG_EXPRESSES_MORAL_JUDGMENT: ResponseFlag.ValueType  # 11
+Global___ResponseFlag: _TypeAlias = ResponseFlag  # noqa: Y015
+
 class _ModelRole:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -192,16 +240,24 @@ class RankedResponse(_message.Message):
     TOKEN_IDS_FIELD_NUMBER: _builtins.int
     LOGPROBS_FIELD_NUMBER: _builtins.int
     RANK_FIELD_NUMBER: _builtins.int
+    QUALITY_FIELD_NUMBER: _builtins.int
+    FLAGS_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     generation_id: _builtins.str
     """Set when the response was served by the policy server."""
     model_version: _builtins.str
     rank: _builtins.int
     """1 is best; equal ranks are ties."""
+    quality: _builtins.int
+    """The labeler's overall quality score on the paper's 1..7 scale; 0 when not given."""
     @_builtins.property
     def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
     def logprobs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def flags(self) -> _containers.RepeatedScalarFieldContainer[Global___ResponseFlag.ValueType]:
+        """Problems the labeler marked, each at most once."""
+
     def __init__(
         self,
         *,
@@ -211,10 +267,12 @@ class RankedResponse(_message.Message):
         token_ids: _abc.Iterable[_builtins.int] | None = ...,
         logprobs: _abc.Iterable[_builtins.float] | None = ...,
         rank: _builtins.int = ...,
+        quality: _builtins.int = ...,
+        flags: _abc.Iterable[Global___ResponseFlag.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation_id", b"generation_id", "logprobs", b"logprobs", "model_version", b"model_version", "rank", b"rank", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["flags", b"flags", "generation_id", b"generation_id", "logprobs", b"logprobs", "model_version", b"model_version", "quality", b"quality", "rank", b"rank", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

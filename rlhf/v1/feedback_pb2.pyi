@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from rlhf.v1 import events_pb2 as _events_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -28,17 +29,27 @@ class ResponseRef(_message.Message):
 
     GENERATION_ID_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
+    QUALITY_FIELD_NUMBER: _builtins.int
+    FLAGS_FIELD_NUMBER: _builtins.int
     generation_id: _builtins.str
     text: _builtins.str
+    quality: _builtins.int
+    """Optional quick judgements, stored on the comparison record: an overall quality score
+    1..7 (0: not given) and problems marked, each flag at most once.
+    """
+    @_builtins.property
+    def flags(self) -> _containers.RepeatedScalarFieldContainer[_events_pb2.ResponseFlag.ValueType]: ...
     def __init__(
         self,
         *,
         generation_id: _builtins.str = ...,
         text: _builtins.str = ...,
+        quality: _builtins.int = ...,
+        flags: _abc.Iterable[_events_pb2.ResponseFlag.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["generation_id", b"generation_id", "source", b"source", "text", b"text"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation_id", b"generation_id", "source", b"source", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["flags", b"flags", "generation_id", b"generation_id", "quality", b"quality", "source", b"source", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["generation_id", "text"]  # noqa: Y015
     _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015

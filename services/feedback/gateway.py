@@ -213,7 +213,10 @@ class FeedbackGateway:
         responses = []
         for i, text in enumerate(texts):
             redacted, changed = self._redact(text, counts)
-            response = events_pb2.RankedResponse(text=redacted, rank=request.ranks[i])
+            ref = request.responses[i]
+            response = events_pb2.RankedResponse(
+                text=redacted, rank=request.ranks[i], quality=ref.quality, flags=ref.flags
+            )
             if i in served:
                 response.generation_id = served[i].generation_id
                 response.model_version = served[i].model_version

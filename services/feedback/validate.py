@@ -13,10 +13,13 @@ from collections.abc import Sequence
 import grpc
 
 from rlhf.runtime import CallError
-from rlhf.v1 import feedback_pb2
+from rlhf.v1 import events_pb2, feedback_pb2
 from services.feedback.config import LimitsConfig
 
 MIN_RESPONSES = 2
+# The paper's overall quality score runs 1..7 (a Likert scale); 0 means not given.
+MAX_QUALITY = 7
+FLAGS = frozenset(events_pb2.ResponseFlag.values()) - {events_pb2.RESPONSE_FLAG_UNSPECIFIED}
 
 
 class Rejection(CallError):
@@ -96,6 +99,34 @@ def check_distinct(texts: Sequence[str | None]) -> None:
         first[text] = i
 
 
+def check_judgements(i: int, ref: feedback_pb2.ResponseRef) -> None:
+    """A response's quality score is 0 (not given) or 1..7; its flags are known, each once.
+
+    At most one pass over the flags, stopping at the first repeat, so the work is bounded by
+    the number of known flags whatever the request holds."""
+    if ref.quality > MAX_QUALITY:
+        raise _invalid(
+            "quality",
+            f"responses[{i}].quality: {ref.quality}; the quality score runs 1..{MAX_QUALITY} "
+            "(0 or unset: not given)",
+        )
+    seen: set[int] = set()
+    for j, flag in enumerate(ref.flags):
+        if flag not in FLAGS:
+            raise _invalid(
+                "flags",
+                f"responses[{i}].flags[{j}]: {flag} is not a known flag; known: "
+                f"{', '.join(events_pb2.ResponseFlag.Name(f) for f in sorted(FLAGS))}",
+            )
+        if flag in seen:
+            raise _invalid(
+                "flags",
+                f"responses[{i}].flags[{j}]: {events_pb2.ResponseFlag.Name(flag)} is given "
+                "twice; mark each flag at most once",
+            )
+        seen.add(flag)
+
+
 def validate_comparison(request: feedback_pb2.ComparisonRequest, limits: LimitsConfig) -> None:
     """Checks everything that needs no lookup; generation ids are resolved afterwards."""
     check_text("prompt", request.prompt, limits.max_prompt_chars)
@@ -124,6 +155,7 @@ def validate_comparison(request: feedback_pb2.ComparisonRequest, limits: LimitsC
         else:
             check_text(f"responses[{i}].text", ref.text, limits.max_response_chars)
             texts.append(ref.text)
+        check_judgements(i, ref)
     check_distinct(texts)
     check_ranks(list(request.ranks), k)
     _check_id("labeler_id", request.labeler_id, limits)
