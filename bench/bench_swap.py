@@ -28,7 +28,8 @@ from prometheus_client import CollectorRegistry
 from rlhf import bus, checkpoint, models, topics
 from rlhf.config import load_config
 from rlhf.kafka_local import LocalKafka, free_port
-from rlhf.lifecycle import published_events, seed_registry
+from rlhf.lifecycle import published_events
+from rlhf.seed import seed_registry
 from rlhf.v1 import inference_pb2, inference_pb2_grpc
 from services.policy.config import PolicyServerConfig
 from services.policy.server import PolicyServer

@@ -447,21 +447,45 @@ class Consumer:
             self._kafka.close(autocommit=False)
 
 
+class KafkaUnavailable(RuntimeError):
+    """No broker of the cluster answered."""
+
+
+def _admin(bootstrap_servers: str, timeout_s: float) -> KafkaAdminClient:
+    try:
+        return KafkaAdminClient(
+            bootstrap_servers=bootstrap_servers.split(","),
+            client_id="rlhf-admin",
+            request_timeout_ms=int(timeout_s * 1000),
+            **RECONNECT,
+            **security_from_env(),
+        )
+    except KafkaTimeoutError as exc:  # "Unable to bootstrap"
+        raise KafkaUnavailable(f"cannot reach Kafka at {bootstrap_servers}") from exc
+
+
+def missing_topics(
+    bootstrap_servers: str, wanted: Sequence[Topic], timeout_s: float = 30.0
+) -> list[str]:
+    """Names of ``wanted`` topics the cluster does not have; raises KafkaUnavailable."""
+    admin = _admin(bootstrap_servers, timeout_s)
+    try:
+        existing = set(admin.list_topics())
+    finally:
+        admin.close()
+    return [t.name for t in wanted if t.name not in existing]
+
+
 def ensure_topics(
     bootstrap_servers: str,
     topics: Sequence[Topic] = ALL,
     *,
     replication_factor: int = 1,
     timeout_s: float = 30.0,
-) -> None:
-    """Creates the topics (and their dead-letter topics) that do not exist yet."""
-    admin = KafkaAdminClient(
-        bootstrap_servers=bootstrap_servers.split(","),
-        client_id="rlhf-admin",
-        request_timeout_ms=int(timeout_s * 1000),
-        **RECONNECT,
-        **security_from_env(),
-    )
+) -> list[str]:
+    """Creates the topics (and their dead-letter topics) that do not exist yet; returns the
+    names it created. Raises KafkaUnavailable when no broker answers."""
+    admin = _admin(bootstrap_servers, timeout_s)
     try:
         existing = set(admin.list_topics())
         wanted = []
@@ -478,5 +502,6 @@ def ensure_topics(
             # Another process may create them concurrently; either way they exist after this.
             with contextlib.suppress(TopicAlreadyExistsError):
                 admin.create_topics(wanted, timeout_ms=int(timeout_s * 1000))
+        return [t.name for t in wanted]
     finally:
         admin.close()

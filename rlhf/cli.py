@@ -75,7 +75,7 @@ def _demo(argv: list[str]) -> int:
 
 
 COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
-    "kafka": ("run a local Apache Kafka broker (KRaft): start | stop | status | run", _kafka),
+    "kafka": ("local Apache Kafka broker (KRaft): start | stop | status | run; topics", _kafka),
     "model": ("build the tiny default model, inspect checkpoints", _model),
     "serve": ("run a server: policy | reward | feedback", _serve),
     "feedback": ("feedback tools: import FILE (JSONL) into Kafka", _feedback),

@@ -4,10 +4,14 @@ Resolves the broker's jars from Maven Central once (into the cache directory), f
 storage and runs a single node that is both broker and controller. Production points the
 services at any external cluster instead; nothing here is used there.
 
-    rlhf kafka start   # background broker on 127.0.0.1:9092, data under .rlhf/kafka
+    rlhf kafka start   # background broker on 127.0.0.1:9092 with the system's topics,
+                       # data under .rlhf/kafka
     rlhf kafka status
     rlhf kafka stop
     rlhf kafka run     # the same in the foreground, Ctrl-C stops it
+    rlhf kafka topics --bootstrap-servers HOST:PORT [--replication-factor 3]
+                       # creates the system's topics (and their .dlq topics) on any cluster
+                       # where they are missing; the brokers never create them on their own
 """
 
 from __future__ import annotations
@@ -312,17 +316,41 @@ def _kafka_uuid() -> str:
     return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
 
 
+def create_topics(bootstrap_servers: str, replication_factor: int = 1) -> int:
+    """``rlhf kafka topics``: creates the missing topics of ``rlhf.topics`` and says which."""
+    from rlhf import bus
+
+    try:
+        created = bus.ensure_topics(bootstrap_servers, replication_factor=replication_factor)
+    except (bus.KafkaUnavailable, bus.KafkaError) as exc:
+        print(f"error: {exc}", flush=True)
+        return 1
+    if created:
+        print(f"created on {bootstrap_servers}: {', '.join(created)}")
+    else:
+        print(f"every topic exists on {bootstrap_servers}")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="rlhf kafka", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("action", choices=["start", "stop", "status", "run"])
+    parser.add_argument("action", choices=["start", "stop", "status", "run", "topics"])
     parser.add_argument("--data-dir", default=os.environ.get("RLHF_KAFKA_DATA_DIR", ".rlhf/kafka"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("RLHF_KAFKA_PORT", "9092")))
     parser.add_argument("--controller-port", type=int,
                         default=int(os.environ.get("RLHF_KAFKA_CONTROLLER_PORT", "9093")))  # fmt: skip
     parser.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for start")
+    parser.add_argument("--bootstrap-servers", default="",
+                        help="topics: the cluster (default: the local broker, 127.0.0.1:PORT)")  # fmt: skip
+    parser.add_argument("--replication-factor", type=int, default=1,
+                        help="topics: replicas per partition (production: 3)")  # fmt: skip
     args = parser.parse_args(argv)
     broker = LocalKafka(args.data_dir, port=args.port, controller_port=args.controller_port)
+    if args.action == "topics":
+        return create_topics(
+            args.bootstrap_servers or broker.bootstrap_servers, args.replication_factor
+        )
     try:
         if args.action == "status":
             running = broker.is_running()
@@ -337,6 +365,9 @@ def main(argv: list[str]) -> int:
         print(
             f"kafka {KAFKA_VERSION} serving on {broker.bootstrap_servers} (data {broker.data_dir})"
         )
+        # A local broker is for running the system: give it the system's topics.
+        if create_topics(broker.bootstrap_servers) != 0:
+            return 1
         if args.action == "start":
             return 0
         stop_signals = {signal.SIGINT, signal.SIGTERM}

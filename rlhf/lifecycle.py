@@ -228,32 +228,6 @@ def published_events(
     return events
 
 
-def seed_registry(
-    registry: Path, base: Path, producer: bus.Producer | None, *, actor: str = "seed"
-) -> list[checkpoint.Manifest]:
-    """Publishes ``<base>/policy`` and ``<base>/reward`` (e.g. from ``rlhf model init`` or a
-    pretrained model) as each role's first version, promoted, for roles with no version yet.
-
-    A new deployment's servers have nothing to serve until this ran once; the trainer then
-    continues from these versions. Without a producer the servers find the versions by
-    scanning the registry.
-    """
-    out = []
-    for role_name in ("policy", "reward"):
-        if checkpoint.latest(registry, role_name) is not None:
-            continue
-        manifest = checkpoint.publish(
-            registry, role_name, base / role_name, round_type="init", parent=None,
-            metrics={}, offsets={},
-        )  # fmt: skip
-        path = registry / role_name / manifest.version
-        if producer is not None:
-            for event in published_events(manifest, path, auto_promote=True, actor=actor):
-                producer.send_sync(topics.MODELS, event, key=event.event_id)
-        out.append(manifest)
-    return out
-
-
 class ModelFollower:
     """Keeps one ``ModelState`` per role current from the models topic and the registry.
 

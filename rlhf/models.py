@@ -328,17 +328,6 @@ class InfoConfig:
     path: str = option("models/tiny/policy", "model directory to describe")
 
 
-@dataclasses.dataclass(frozen=True)
-class SeedConfig:
-    registry: str = option("registry", "checkpoint registry to seed")
-    base: str = option(
-        "models/tiny", "directory holding policy/ and reward/ (from `rlhf model init`)"
-    )
-    bootstrap_servers: str = option(
-        "", "Kafka to announce the versions on (empty: servers find them in the registry)"
-    )
-
-
 def init_models(cfg: InitConfig) -> tuple[Path, Path]:
     """Writes <out>/policy (build_tiny) and <out>/reward (RM initialised from that policy)."""
     policy = build_tiny(
@@ -406,27 +395,17 @@ def main(argv: list[str]) -> int:
         print(usage, file=sys.stderr)
         return 2
     if argv[0] == "seed":
-        from rlhf import bus, lifecycle
+        from rlhf import seed
 
         seed_cfg = parse_config(
-            SeedConfig,
+            seed.SeedConfig,
             argv[1:],
             prog="rlhf model seed",
-            description="Publish a base policy and reward model as the registry's first versions.",
+            description="Publish a base policy and reward model as the registry's first "
+            "versions and announce them (idempotent: run it again after a failure).",
             env_prefix="RLHF_MODEL_",
         )
-        producer = (
-            bus.Producer(seed_cfg.bootstrap_servers, client_id="rlhf-seed")
-            if seed_cfg.bootstrap_servers
-            else None
-        )
-        try:
-            seeded = lifecycle.seed_registry(Path(seed_cfg.registry), Path(seed_cfg.base), producer)
-        finally:
-            if producer is not None:
-                producer.close()
-        print(json.dumps({m.role: m.version for m in seeded}))
-        return 0
+        return seed.main(seed_cfg)
     if argv[0] == "init":
         cfg = parse_config(
             InitConfig,

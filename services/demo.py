@@ -34,7 +34,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from rlhf import bus, checkpoint, models
 from rlhf.config import option, parse_config
 from rlhf.kafka_local import LocalKafka, free_port
-from rlhf.lifecycle import ModelFollower, ModelState, seed_registry
+from rlhf.lifecycle import ModelFollower, ModelState
+from rlhf.seed import seed_registry
 from rlhf.v1 import feedback_pb2_grpc, inference_pb2, inference_pb2_grpc
 from trainer.simulator import (
     Candidate,

@@ -18,7 +18,8 @@ from prometheus_client import CollectorRegistry
 
 from rlhf import bus, checkpoint, models, topics
 from rlhf.config import load_config
-from rlhf.lifecycle import published_events, seed_registry
+from rlhf.lifecycle import published_events
+from rlhf.seed import seed_registry
 from rlhf.v1 import admin_pb2, admin_pb2_grpc, events_pb2, inference_pb2, inference_pb2_grpc
 from services.policy.config import PolicyServerConfig
 from services.policy.server import PolicyServer

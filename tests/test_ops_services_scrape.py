@@ -13,7 +13,7 @@ import pytest
 
 from rlhf import models
 from rlhf.kafka_local import LocalKafka, free_port
-from rlhf.lifecycle import seed_registry
+from rlhf.seed import seed_registry
 from services.demo import Process, wait_serving
 from tests.test_ops_prometheus import (  # noqa: F401  (fixtures)
     RULES,

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from rlhf import bus, checkpoint, models
 from rlhf.kafka_local import free_port
-from rlhf.lifecycle import seed_registry
+from rlhf.seed import seed_registry
 from rlhf.v1 import events_pb2
 from trainer.config import (
     DataConfig,
