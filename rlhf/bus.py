@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -433,14 +433,49 @@ class Consumer:
             )
         return {(tp.topic, tp.partition): off for tp, off in ends.items()}
 
-    def seek(self, offsets: Offsets) -> None:
-        """Moves to the given offsets now for assigned partitions, and on later assignment."""
-        self._start_offsets.update(offsets)
+    def seek(self, offsets: Offsets, *, on_assign: bool = True) -> None:
+        """Moves to the given offsets now for assigned partitions, and (``on_assign``) on
+        later assignment."""
+        if on_assign:
+            self._start_offsets.update(offsets)
         with self._lock:
             assigned = {(tp.topic, tp.partition): tp for tp in self._kafka.assignment()}
             for key, offset in offsets.items():
                 if key in assigned:
                     self._kafka.seek(assigned[key], offset)
+
+    def pause(self, keys: Iterable[tuple[str, int]]) -> None:
+        """Stops fetching from these assigned partitions until ``resume`` (backpressure)."""
+        self._set_paused(keys, True)
+
+    def resume(self, keys: Iterable[tuple[str, int]]) -> None:
+        self._set_paused(keys, False)
+
+    def paused(self) -> set[tuple[str, int]]:
+        with self._lock:
+            return {(tp.topic, tp.partition) for tp in self._kafka.paused()}
+
+    def _set_paused(self, keys: Iterable[tuple[str, int]], paused: bool) -> None:
+        wanted = set(keys)
+        with self._lock:
+            tps = [tp for tp in self._kafka.assignment() if (tp.topic, tp.partition) in wanted]
+            if not tps:
+                return
+            if paused:
+                self._kafka.pause(*tps)
+                return
+            self._kafka.resume(*tps)
+            # kafka-python 3.0 parks the records it had buffered for a paused partition and
+            # hands them back only once its in-line slot is empty (None), which a drained slot
+            # never is: the resumed partition would never be fetched again. The position is
+            # authoritative, so dropping what it parked costs only a re-fetch.
+            parked = getattr(
+                getattr(self._kafka, "_fetcher", None), "_paused_partition_records", {}
+            )
+            for tp in tps:
+                records = parked.pop(tp, None)
+                if records is not None:
+                    records.drain()
 
     def close(self) -> None:
         with self._lock:

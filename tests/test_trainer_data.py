@@ -11,8 +11,9 @@ from prometheus_client import CollectorRegistry
 from rlhf import bus
 from rlhf.v1 import events_pb2
 from trainer.config import DataConfig
-from trainer.data import Source, StreamReader, StreamTopics, TrainingData, near_dup_key
+from trainer.data import Source, TrainingData, near_dup_key
 from trainer.metrics import TrainerMetrics
+from trainer.reader import StreamReader, StreamTopics
 
 TRAIN, VAL, TEST = events_pb2.SPLIT_TRAIN, events_pb2.SPLIT_VALIDATION, events_pb2.SPLIT_TEST
 
@@ -50,24 +51,108 @@ def test_per_user_cap_counts_distinct_prompts_across_kinds():
     outcomes = [data.add("demonstrations", demo(i, user="alice"), src(i)) for i in range(4)]
     assert outcomes == ["accepted"] * 3 + ["user_cap"]
     # The same prompt again (another kind) is not a new prompt for the cap.
-    again = events_pb2.ServedGeneration(
-        event_id="p0", prompt="0000 prompt", user_id="alice", split=TRAIN
-    )
-    assert data.add("prompts", again, src(0, "rlhf.prompts")) == "accepted"
+    again = events_pb2.ComparisonEvent(
+        event_id="c0", prompt="0000 prompt", user_id="alice", split=TRAIN,
+        responses=[events_pb2.RankedResponse(text=t, rank=r) for t, r in (("a", 1), ("b", 2))],
+    )  # fmt: skip
+    assert data.add("comparisons", again, src(0, "rlhf.comparisons")) == "accepted"
     assert data.add("demonstrations", demo(9, user="bob"), src(9)) == "accepted"
 
 
-def test_near_duplicate_prompts_are_dropped_within_a_kind():
+def test_near_duplicates_leave_the_prompt_pool_but_labelled_records_stay():
     data = TrainingData(DataConfig(near_dup_prefix_chars=20))
     base = "Tell me a long story about the river and the mill"
-    assert data.add("demonstrations", demo(1, prompt=base), src(0)) == "accepted"
     # Same first 20 characters once case and spacing are folded.
     near = "tell  me a LONG story about something else entirely"
-    assert data.add("demonstrations", demo(2, prompt=near), src(1)) == "near_duplicate"
-    assert data.add("demonstrations", demo(3, prompt="A different prompt"), src(2)) == "accepted"
     assert near_dup_key(base, 20) == near_dup_key(near, 20)
-    # Off: only exact (folded) duplicates share a key.
-    assert near_dup_key(base, 0) != near_dup_key(near, 0)
+    assert near_dup_key(base, 0) != near_dup_key(near, 0)  # off: exact (folded) text only
+    assert data.add("demonstrations", demo(1, prompt=base), src(0)) == "accepted"
+    # A second demonstration of a near-identical prompt is labelled data: kept.
+    assert data.add("demonstrations", demo(2, prompt=near), src(1)) == "accepted"
+    assert [d.event_id for d in data.pending_demonstrations] == ["d1", "d2"]
+    # The PPO prompt pool holds the prompt once; a served near-duplicate adds nothing.
+    served = events_pb2.ServedGeneration(event_id="p1", prompt=near, user_id="u2", split=TRAIN)
+    assert data.add("prompts", served, src(0, "rlhf.prompts")) == "near_duplicate"
+    assert [p.event_id for p in data.prompts["train"]] == ["d1"]
+
+
+def test_every_distinct_ranking_of_a_prompt_is_kept_up_to_the_per_prompt_cap():
+    data = TrainingData(DataConfig(max_per_prompt=3))
+
+    def ranking(i: int, labeler: str, ranks=(1, 2)) -> events_pb2.ComparisonEvent:
+        return events_pb2.ComparisonEvent(
+            event_id=f"c{i}", prompt="Name a colour.", user_id=f"u{i}", labeler_id=labeler,
+            split=TRAIN, responses=[events_pb2.RankedResponse(text=t, rank=r)
+                                    for t, r in zip(("Blue.", "Green."), ranks, strict=True)],
+        )  # fmt: skip
+
+    # Two labelers rank the same prompt the same way: both acked, both kept.
+    assert data.add("comparisons", ranking(1, "ann"), src(0, "c")) == "accepted"
+    assert data.add("comparisons", ranking(2, "bob"), src(1, "c")) == "accepted"
+    # The same labeler sending the same ranking again (a new event id) says nothing new.
+    assert data.add("comparisons", ranking(3, "ann"), src(2, "c")) == "duplicate"
+    assert data.add("comparisons", ranking(4, "ann", (2, 1)), src(3, "c")) == "accepted"
+    # A flood on one prompt is cut at the cap, and counted.
+    assert data.add("comparisons", ranking(5, "cat"), src(4, "c")) == "prompt_cap"
+    assert [c.event_id for c in data.pending_comparisons] == ["c1", "c2", "c4"]
+
+
+def test_what_the_rules_remember_is_bounded_by_windows():
+    data = TrainingData(DataConfig(dedupe_window=3, user_window=2, prompt_window=4,
+                                   user_prompt_cap=1))  # fmt: skip
+    for i in range(6):
+        data.add("demonstrations", demo(i, user=f"user{i}"), src(i))
+    assert len(data._seen) == 3 and len(data._contents) == 3
+    assert len(data._user_prompts) == 2 and len(data._pool_keys) == 4
+    # d5 is remembered, d0 was forgotten: a redelivery that old is taken again.
+    assert data.add("demonstrations", demo(5, user="user5"), src(9)) == "duplicate"
+    assert data.add("demonstrations", demo(0, user="user0"), src(10)) == "accepted"
+    # The two most recent users are user5 and user0: user5's one prompt is remembered (cap 1:
+    # a second is refused); user4 was forgotten and starts a new count.
+    assert data.add("demonstrations", demo(20, user="user5"), src(11)) == "user_cap"
+    assert data.add("demonstrations", demo(21, user="user4"), src(12)) == "accepted"
+
+
+def test_anonymous_traffic_is_not_one_capped_user():
+    # Served prompts without a user id: no user to cap (the old rule made them one user,
+    # capped at 200 prompts for the whole service).
+    data = TrainingData(DataConfig(user_prompt_cap=200))
+    for i in range(300):
+        served = events_pb2.ServedGeneration(event_id=f"p{i}", prompt=f"{i:04d} question",
+                                             user_id="", split=TRAIN)  # fmt: skip
+        assert data.add("prompts", served, src(i, "rlhf.prompts")) == "accepted"
+    assert len(data.prompts["train"]) == 300 and len(data.pending_prompts) == 300
+
+
+def test_records_in_too_many_failed_rounds_are_parked():
+    data = TrainingData(DataConfig())
+    for i in range(3):
+        data.add("demonstrations", demo(i), src(i))
+    assert data.round_failed("demonstrations", ["d0", "d1"], park_after=2) == []
+    data.add("demonstrations", demo(3), src(3))
+    doomed = data.round_failed("demonstrations", ["d0", "d1", "d2", "d3"], park_after=2)
+    assert [d.event_id for d in doomed] == ["d0", "d1"]
+    assert doomed[0].event.response == "response 0"  # the record itself, to write elsewhere
+    data.park("demonstrations", ["d0", "d1"])
+    assert [d.event_id for d in data.pending_demonstrations] == ["d2", "d3"]
+    positions = {("rlhf.demonstrations", 0): 4}
+    assert data.resume_offsets(positions, {})[("rlhf.demonstrations", 0)] == 2
+
+
+def test_served_train_prompts_stay_pending_until_a_ppo_round_publishes():
+    data = TrainingData(DataConfig())
+    served = events_pb2.ServedGeneration(event_id="p0", prompt="0000 q", user_id="u", split=TRAIN)
+    data.add("prompts", served, src(7, "rlhf.prompts"))
+    data.add("demonstrations", demo(1), src(3))
+    data.mark_trained("demonstrations", ["d1"])  # e.g. an SFT round published
+    positions = {("rlhf.prompts", 0): 8, ("rlhf.demonstrations", 0): 4}
+    # A restart must read the prompt again as new: a PPO round still has to use it.
+    assert data.resume_offsets(positions, {}) == {
+        ("rlhf.prompts", 0): 7,
+        ("rlhf.demonstrations", 0): 4,
+    }
+    data.mark_trained("prompts", ["p0"])
+    assert data.resume_offsets(positions, {})[("rlhf.prompts", 0)] == 8 and data.new_prompts == 0
 
 
 def test_splits_stay_apart_and_unsplit_events_are_rejected():
@@ -125,12 +210,12 @@ def test_resume_offsets_stop_at_the_oldest_untrained_record():
     assert data.resume_offsets(positions, floor) == after
 
 
-def test_full_pending_buffers_stop_reading():
+def test_a_full_pending_list_is_full_for_its_kind_only():
     data = TrainingData(DataConfig(max_demonstrations=2))
     data.add("demonstrations", demo(1), src(0))
-    assert not data.full()
+    assert not data.full("demonstrations")
     data.add("demonstrations", demo(2), src(1))
-    assert data.full()
+    assert data.full("demonstrations") and not data.full("comparisons")
 
 
 def test_reader_applies_the_rules_to_a_real_stream_and_replays_history(kafka):

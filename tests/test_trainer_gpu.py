@@ -12,8 +12,8 @@ from prometheus_client import CollectorRegistry
 from rlhf import bus, checkpoint, models
 from rlhf.v1 import events_pb2
 from trainer.config import DataConfig, PPOConfig, ScheduleConfig, SFTConfig, TrainerConfig
-from trainer.data import StreamTopics
 from trainer.main import run
+from trainer.reader import StreamTopics
 
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "pretrain.txt"
 

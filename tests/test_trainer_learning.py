@@ -42,8 +42,8 @@ from trainer.config import (
     SFTConfig,
     TrainerConfig,
 )
-from trainer.data import StreamTopics
 from trainer.main import run
+from trainer.reader import StreamTopics
 from trainer.simulator import (
     HiddenPreference,
     SimulatedLabeler,

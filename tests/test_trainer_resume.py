@@ -20,7 +20,7 @@ from kafka import KafkaAdminClient
 from rlhf import bus, checkpoint, models
 from rlhf.kafka_local import free_port
 from rlhf.v1 import events_pb2
-from trainer.data import StreamTopics
+from trainer.reader import StreamTopics
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -26,9 +26,10 @@ from trainer.config import (
     TrainerConfig,
 )
 from trainer.corpus import PretrainCorpus
-from trainer.data import StreamReader, StreamTopics, TrainingData
+from trainer.data import TrainingData
 from trainer.main import run
 from trainer.metrics import TrainerMetrics
+from trainer.reader import StreamReader, StreamTopics
 from trainer.registry import policy_dir, reference_dir, trained_rm
 from trainer.rounds import Trainer
 

@@ -195,9 +195,32 @@ class DataConfig:
         64,
         "prompts sharing this many leading characters (case and spacing folded) are near-duplicates; 0 turns the check off",
     )
-    max_demonstrations: int = option(20000, "bound of the demonstration buffer per split")
-    max_comparisons: int = option(20000, "bound of the comparison buffer per split")
-    max_prompts: int = option(20000, "bound of the PPO prompt pool per split")
+    max_per_prompt: int = option(
+        16,
+        "demonstrations, and comparisons, kept per prompt (near-duplicate key); more are "
+        "dropped as prompt_cap (a flood on one popular prompt)",
+    )
+    max_demonstrations: int = option(
+        20000,
+        "bound of the pending train demonstrations (more wait in Kafka) and of each "
+        "evaluation buffer",
+    )
+    max_comparisons: int = option(
+        20000, "bound of the pending train comparisons and of each evaluation buffer"
+    )
+    max_prompts: int = option(
+        20000, "bound of the pending served prompts and of the PPO prompt pool per split"
+    )
+    dedupe_window: int = option(
+        200000, "event ids (and labelled contents) remembered for dedupe: the most recent ones"
+    )
+    user_window: int = option(
+        100000, "users whose prompt count (user_prompt_cap) is remembered: the most recent ones"
+    )
+    prompt_window: int = option(
+        200000,
+        "prompt keys remembered for near-duplicates and max_per_prompt: the most recent ones",
+    )
     poll_timeout_s: float = option(0.5, "longest wait of one Kafka poll")
     poll_max_records: int = option(500, "records per Kafka poll")
     session_timeout_s: float = option(
@@ -213,6 +236,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         _positive(
             user_prompt_cap=self.user_prompt_cap,
+            max_per_prompt=self.max_per_prompt,
+            dedupe_window=self.dedupe_window,
+            user_window=self.user_window,
+            prompt_window=self.prompt_window,
             max_demonstrations=self.max_demonstrations,
             max_comparisons=self.max_comparisons,
             max_prompts=self.max_prompts,
@@ -288,6 +315,17 @@ class ScheduleConfig:
     max_rounds: int = option(
         0, "stop after this many rounds (passing or not); 0 runs until SIGTERM"
     )
+    park_after_failures: int = option(
+        3,
+        "records in this many rounds held back by gates are parked: taken out of training "
+        "(labelled ones written to <topic>.parked); 0 never parks",
+    )
+    error_backoff_s: float = option(
+        10.0, "a round that failed with an error waits this long before its type runs again"
+    )
+    error_backoff_max_s: float = option(
+        600.0, "the wait doubles with each error in a row, up to this"
+    )
 
     def __post_init__(self) -> None:
         _positive(
@@ -295,9 +333,11 @@ class ScheduleConfig:
             rm_min_new=self.rm_min_new,
             ppo_min_new=self.ppo_min_new,
             interval_s=self.interval_s,
+            error_backoff_s=self.error_backoff_s,
+            error_backoff_max_s=self.error_backoff_max_s,
         )
-        if self.max_rounds < 0:
-            raise ValueError("schedule.max_rounds must be >= 0")
+        if self.max_rounds < 0 or self.park_after_failures < 0:
+            raise ValueError("schedule.max_rounds and schedule.park_after_failures must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -1,44 +1,59 @@
-"""What the trainer learns from: the three Kafka streams, filtered into bounded buffers.
+"""What the trainer learns from: the three Kafka streams' records, filtered into bounded buffers.
 
-Records arrive from ``rlhf.demonstrations``, ``rlhf.comparisons`` and ``rlhf.prompts``.
-``TrainingData`` applies the paper's data rules to each one, in arrival order:
+Records arrive from ``rlhf.demonstrations``, ``rlhf.comparisons`` and ``rlhf.prompts``
+(``trainer.reader`` reads them). ``TrainingData`` applies the data rules to each one, in
+arrival order, and loses no distinct piece of labelled data:
 
-* **dedupe** by ``event_id`` (a redelivered or re-imported event counts once);
+* **dedupe** by ``event_id`` (a redelivered or re-imported event counts once), and of a
+  labelled record whose content equals an earlier one's from the same labeler (same prompt,
+  responses and ranks, or same prompt and response);
 * **split**: train records feed rounds, validation records feed the gates, test records are
   only scored; an event without a split is rejected (its user's split is unknown, and a
   held-out user must never reach training);
-* **per-user cap**: at most ``user_prompt_cap`` distinct prompts per user id, whatever the
-  kind of record that carried them;
-* **near-duplicates**: within one kind, a prompt whose first ``near_dup_prefix_chars``
-  characters (case and whitespace folded) equal an earlier one's is dropped.
+* **per-user cap**: at most ``user_prompt_cap`` distinct prompts per user id (the paper's
+  200), whatever the kind of record that carried them. **Anonymous** records (empty
+  ``user_id``: served prompts of callers that name no user) have no user to cap; the policy
+  server splits them by prompt instead of by user (``rlhf.split``);
+* **per-prompt cap**: at most ``max_per_prompt`` demonstrations, and as many comparisons, per
+  prompt (its near-duplicate key): a second labeler's ranking of the same prompt is kept, a
+  flood on one popular prompt is cut (counted as ``prompt_cap``);
+* **near-duplicates** (the paper's rule is about prompts): a prompt whose first
+  ``near_dup_prefix_chars`` characters (case and whitespace folded) equal an earlier one's
+  does not enter the PPO prompt pool again; a served prompt that adds nothing else is
+  dropped as ``near_duplicate``. Labelled records are never dropped for it.
 
-Exactly once into training: train demonstrations and comparisons wait in *pending* lists
-until a round trains on them and its checkpoint is published (``mark_trained``); a failed
-round leaves them pending. ``resume_offsets`` is, per partition, the offset of the oldest
-pending record (or the read position when none is pending): everything before it is in a
-published model or is evaluation data. The checkpoint manifest stores these offsets; a
-restarted trainer re-reads each partition from the beginning up to them as *history* (which
-rebuilds the dedupe and per-user state and the evaluation buffers but trains on nothing) and
-from there on as new data. So every buffer's content is recoverable from Kafka offsets, and
-nothing is trained twice or skipped. Per-user caps and near-duplicate decisions depend on
-arrival order, which Kafka fixes within a partition (the gateway keys events by user).
+What the rules remember is bounded by windows of the most recently seen keys:
+``dedupe_window`` event ids and content keys, ``user_window`` users, ``prompt_window``
+prompt keys. A key older than its window is forgotten: a redelivery that old is not
+recognised (the gateway already dedupes submissions by idempotency key, and Kafka
+redelivers within seconds), a user absent for that long starts a new count, a prompt that
+old can enter the pool again.
+
+Exactly once into training: new train records wait in *pending* lists (demonstrations,
+comparisons, and served prompts for PPO-ptx) until a round trains on them and its checkpoint
+is published (``mark_trained``); a failed round leaves them pending, and records that were in
+``park_after_failures`` failed rounds are *parked* (``park``; ``trainer.rounds`` writes
+labelled ones to ``<topic>.parked``). ``resume_offsets`` is, per partition, the offset of the
+oldest pending record (or the read position when none is pending): everything before it is
+in a published model, parked, or evaluation data. The checkpoint manifest stores these
+offsets; a restarted trainer re-reads each partition from the beginning up to them as
+*history* (which rebuilds the rules' state and the evaluation buffers but trains on nothing)
+and from there on as new data. So nothing is trained twice or skipped. Per-user caps and
+near-duplicate decisions depend on arrival order, which Kafka fixes within a partition.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import re
-from collections import Counter, deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
-from rlhf import bus, topics
-from rlhf.topics import Topic
 from rlhf.v1 import events_pb2
 from trainer.config import DataConfig
-from trainer.metrics import TrainerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +65,8 @@ SPLITS = {
     events_pb2.SPLIT_TEST: "test",
 }
 KINDS = ("demonstrations", "comparisons", "prompts")
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 @dataclass(frozen=True)
@@ -69,6 +86,7 @@ class Demonstration:
     user_id: str
     split: str
     source: Source
+    event: Any = field(default=None, compare=False, repr=False)  # the record, for parking
 
 
 @dataclass(frozen=True)
@@ -83,6 +101,7 @@ class Comparison:
     labeler_id: str
     split: str
     source: Source
+    event: Any = field(default=None, compare=False, repr=False)  # the record, for parking
 
 
 @dataclass(frozen=True)
@@ -94,31 +113,7 @@ class Prompt:
     source: Source
 
 
-@dataclass(frozen=True)
-class StreamTopics:
-    """The topics the trainer reads and writes; a prefix lets deployments share one cluster."""
-
-    demonstrations: Topic = topics.DEMONSTRATIONS
-    comparisons: Topic = topics.COMPARISONS
-    prompts: Topic = topics.PROMPTS
-    models: Topic = topics.MODELS
-
-    @classmethod
-    def with_prefix(cls, prefix: str) -> StreamTopics:
-        base = cls()
-        if not prefix:
-            return base
-        return cls(
-            *(dataclasses.replace(t, name=prefix + t.name) for t in (*base.inputs(), base.models))
-        )
-
-    def inputs(self) -> tuple[Topic, Topic, Topic]:
-        return (self.demonstrations, self.comparisons, self.prompts)
-
-    def kind_of(self, topic_name: str) -> str:
-        names = {t.name: kind for t, kind in zip(self.inputs(), KINDS, strict=True)}
-        return names[topic_name]
-
+Pending = Demonstration | Comparison | Prompt
 
 _SPACE = re.compile(r"\s+")
 
@@ -131,16 +126,56 @@ def near_dup_key(prompt: str, prefix_chars: int) -> str:
     return hashlib.blake2b(folded.encode(), digest_size=12).hexdigest()
 
 
+def _content_key(value: Event) -> str:
+    """Equal for two labelled records that say the same thing (same labeler included)."""
+    h = hashlib.blake2b(digest_size=16)
+    parts: list[str] = [type(value).__name__, value.prompt, getattr(value, "labeler_id", "")]
+    if isinstance(value, events_pb2.DemonstrationEvent):
+        parts.append(value.response)
+    elif isinstance(value, events_pb2.ComparisonEvent):
+        parts += [f"{r.rank}:{r.text}" for r in value.responses]
+    for part in parts:
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+class Recent(Generic[K, V]):
+    """A mapping that keeps only the ``size`` most recently touched keys."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[K, V] = OrderedDict()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: K, default: V) -> V:
+        return self._items.get(key, default)
+
+    def put(self, key: K, value: V) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+
 class TrainingData:
     """The data rules and the bounded buffers (no Kafka here: records come in via ``add``)."""
 
     def __init__(self, cfg: DataConfig) -> None:
         self.cfg = cfg
-        self._seen: set[str] = set()
-        self._user_prompts: dict[str, set[str]] = {}
-        self._prompt_keys: dict[str, set[str]] = {kind: set() for kind in KINDS}
+        self._seen: Recent[str, None] = Recent(cfg.dedupe_window)
+        self._contents: Recent[str, None] = Recent(cfg.dedupe_window)
+        self._user_prompts: Recent[str, set[str]] = Recent(cfg.user_window)
+        self._per_prompt = {k: Recent[str, int](cfg.prompt_window) for k in KINDS[:2]}
+        self._pool_keys: Recent[str, None] = Recent(cfg.prompt_window)
         self.pending_demonstrations: list[Demonstration] = []
         self.pending_comparisons: list[Comparison] = []
+        self.pending_prompts: list[Prompt] = []  # served train prompts no PPO round used yet
         # Evaluation data and the PPO prompt pool keep the most recent records.
         self.demonstrations = {
             s: deque[Demonstration](maxlen=cfg.max_demonstrations) for s in ("train", "val", "test")
@@ -149,7 +184,8 @@ class TrainingData:
             s: deque[Comparison](maxlen=cfg.max_comparisons) for s in ("val", "test")
         }
         self.prompts = {s: deque[Prompt](maxlen=cfg.max_prompts) for s in ("train", "val", "test")}
-        self.new_prompts = 0
+        self.new_prompts = 0  # new train prompts in the pool since the last PPO-ptx round
+        self._failed_rounds: dict[str, int] = {}  # pending event id -> failed rounds it was in
 
     # ------------------------------------------------------------------ intake
 
@@ -168,25 +204,46 @@ class TrainingData:
             return "invalid"
         if isinstance(value, events_pb2.ComparisonEvent) and not _valid_ranking(value):
             return "invalid"
-        key = near_dup_key(value.prompt, self.cfg.near_dup_prefix_chars)
         # Rejected events are marked seen too: a redelivery is a duplicate, not a second rejection.
-        self._seen.add(value.event_id)
-        if self.cfg.near_dup_prefix_chars and key in self._prompt_keys[kind]:
+        self._seen.put(value.event_id, None)
+        key = near_dup_key(value.prompt, self.cfg.near_dup_prefix_chars)
+        labelled = kind != "prompts"
+        content = _content_key(value) if labelled else ""
+        if labelled and content in self._contents:
+            return "duplicate"
+        in_pool = bool(self.cfg.near_dup_prefix_chars) and key in self._pool_keys
+        if not labelled and in_pool:
             return "near_duplicate"
-        user_prompts = self._user_prompts.setdefault(value.user_id, set())
-        if key not in user_prompts and len(user_prompts) >= self.cfg.user_prompt_cap:
+        user_prompts = self._user_prompts.get(value.user_id, set())
+        if (
+            value.user_id  # anonymous records have no user to cap
+            and key not in user_prompts
+            and len(user_prompts) >= self.cfg.user_prompt_cap
+        ):
             return "user_cap"
-        user_prompts.add(key)
-        self._prompt_keys[kind].add(key)
-        self._store(value, split, source, history)
+        count = self._per_prompt[kind].get(key, 0) if labelled else 0
+        if labelled and count >= self.cfg.max_per_prompt:
+            return "prompt_cap"
+        if value.user_id:
+            user_prompts.add(key)
+            self._user_prompts.put(value.user_id, user_prompts)
+        if labelled:
+            self._per_prompt[kind].put(key, count + 1)
+            self._contents.put(content, None)
+        self._store(value, split, source, history, to_pool=not in_pool)
+        if not in_pool:
+            self._pool_keys.put(key, None)
         return "accepted"
 
-    def _store(self, value: Event, split: str, source: Source, history: bool) -> None:
+    def _store(
+        self, value: Event, split: str, source: Source, history: bool, to_pool: bool
+    ) -> None:
         new_train = split == "train" and not history
         if isinstance(value, events_pb2.DemonstrationEvent):
             demo = Demonstration(
-                value.event_id, value.prompt, value.response, value.user_id, split, source
-            )
+                value.event_id, value.prompt, value.response, value.user_id, split, source,
+                event=value if new_train else None,
+            )  # fmt: skip
             # Recent train demonstrations stay available to fit the RM's bias.
             self.demonstrations[split].append(demo)
             if new_train:
@@ -201,42 +258,71 @@ class TrainingData:
                 value.labeler_id,
                 split,
                 source,
+                event=value if new_train else None,
             )
             if split != "train":
                 self.comparisons[split].append(cmp)
             elif new_train:
                 self.pending_comparisons.append(cmp)
+        if not to_pool:
+            return
         # Every prompt, whatever carried it, is a prompt PPO can roll out on.
-        self.prompts[split].append(
-            Prompt(value.event_id, value.prompt, value.user_id, split, source)
-        )
+        prompt = Prompt(value.event_id, value.prompt, value.user_id, split, source)
+        self.prompts[split].append(prompt)
         if new_train:
             self.new_prompts += 1
+            if isinstance(value, events_pb2.ServedGeneration):
+                self.pending_prompts.append(prompt)
 
     # ------------------------------------------------------------------ rounds
 
-    def full(self) -> bool:
-        """Pending lists at their bound: stop reading until a round trains on them."""
-        return (
-            len(self.pending_demonstrations) >= self.cfg.max_demonstrations
-            or len(self.pending_comparisons) >= self.cfg.max_comparisons
-        )
+    def pending(self, kind: str) -> list[Pending]:
+        """The kind's pending list (the list itself: callers may filter it in place)."""
+        lists: dict[str, list[Any]] = {
+            "demonstrations": self.pending_demonstrations,
+            "comparisons": self.pending_comparisons,
+            "prompts": self.pending_prompts,
+        }
+        return lists[kind]
+
+    def full(self, kind: str) -> bool:
+        """The kind's pending list is at its bound: stop reading its topic until a round
+        trains on it (the other topics go on)."""
+        bound = {"demonstrations": self.cfg.max_demonstrations,
+                 "comparisons": self.cfg.max_comparisons, "prompts": self.cfg.max_prompts}  # fmt: skip
+        return len(self.pending(kind)) >= bound[kind]
 
     def mark_trained(self, kind: str, event_ids: Iterable[str]) -> None:
         """Records of a published round leave the pending lists (PPO resets the new-prompt count)."""
-        ids = set(event_ids)
-        if kind == "demonstrations":
-            self.pending_demonstrations = [
-                d for d in self.pending_demonstrations if d.event_id not in ids
-            ]
-        elif kind == "comparisons":
-            self.pending_comparisons = [
-                c for c in self.pending_comparisons if c.event_id not in ids
-            ]
-        elif kind == "prompts":
+        self._drop(kind, set(event_ids))
+        if kind == "prompts":
             self.new_prompts = 0
-        else:
+
+    def round_failed(self, kind: str, event_ids: Iterable[str], park_after: int) -> list[Pending]:
+        """Counts a failed round against its records; returns the pending ones that have now
+        been in ``park_after`` failed rounds (0: never), for ``park``."""
+        doomed = set()
+        for event_id in event_ids:
+            failures = self._failed_rounds.get(event_id, 0) + 1
+            self._failed_rounds[event_id] = failures
+            if park_after and failures >= park_after:
+                doomed.add(event_id)
+        return [r for r in self.pending(kind) if r.event_id in doomed]
+
+    def park(self, kind: str, event_ids: Iterable[str]) -> None:
+        """Parked records leave the pending lists without being trained on."""
+        ids = set(event_ids)
+        self._drop(kind, ids)
+        if kind == "prompts":
+            self.new_prompts = max(0, self.new_prompts - len(ids))
+
+    def _drop(self, kind: str, ids: set[str]) -> None:
+        if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}")
+        pending = self.pending(kind)
+        pending[:] = [r for r in pending if r.event_id not in ids]
+        for event_id in ids:
+            self._failed_rounds.pop(event_id, None)
 
     def resume_offsets(
         self,
@@ -254,9 +340,10 @@ class TrainingData:
         out: Offsets = dict(floor)
         for key, position in positions.items():
             out[key] = max(floor.get(key, 0), position)
-        pending: list[Demonstration | Comparison] = [
+        pending: list[Pending] = [
             *self.pending_demonstrations,
             *self.pending_comparisons,
+            *self.pending_prompts,
         ]
         for record in pending:
             if record.event_id in done:
@@ -281,80 +368,3 @@ def _valid_ranking(value: events_pb2.ComparisonEvent) -> bool:
     """2..9 responses, ranks >= 1, at least one strict preference (all-tie rankings teach nothing)."""
     ranks = [r.rank for r in value.responses]
     return 2 <= len(ranks) <= 9 and min(ranks) >= 1 and len(set(ranks)) > 1
-
-
-class StreamReader:
-    """Reads the three input topics into a ``TrainingData`` and commits what rounds published.
-
-    On start it seeks every partition to 0 when ``replay`` is on (records below ``resume``
-    are history) or straight to ``resume`` otherwise.
-    """
-
-    def __init__(
-        self,
-        consumer: bus.Consumer,
-        data: TrainingData,
-        stream_topics: StreamTopics,
-        resume: Mapping[tuple[str, int], int],
-        cfg: DataConfig,
-        metrics: TrainerMetrics | None = None,
-    ) -> None:
-        self.metrics = metrics
-        self.consumer = consumer
-        self.data = data
-        self.topics = stream_topics
-        self.resume: Offsets = dict(resume)
-        self.cfg = cfg
-
-    @staticmethod
-    def start_offsets(
-        stream_topics: StreamTopics, resume: Mapping[tuple[str, int], int], replay: bool
-    ) -> Offsets:
-        """What to pass to ``bus.Consumer(start_offsets=...)``."""
-        if not replay:
-            return dict(resume)
-        # Offset 0 may have been deleted by retention; the consumer then resets to the earliest.
-        return {(t.name, p): 0 for t in stream_topics.inputs() for p in range(t.partitions)}
-
-    def poll(self) -> int:
-        """Reads one batch into the buffers; returns how many records it read."""
-        if self.data.full():
-            return 0
-        records = self.consumer.poll(
-            timeout_s=self.cfg.poll_timeout_s, max_records=self.cfg.poll_max_records
-        )
-        for record in records:
-            source = Source(record.topic, record.partition, record.offset)
-            history = record.offset < self.resume.get((record.topic, record.partition), 0)
-            kind = self.topics.kind_of(record.topic)
-            outcome = self.data.add(kind, record.value, source, history=history)  # type: ignore[arg-type]
-            if self.metrics is not None:
-                self.metrics.records.labels(topic=record.topic, outcome=outcome).inc()
-            if outcome not in ("accepted", "duplicate"):
-                log.debug("%s %s@%d rejected: %s", kind, record.topic, record.offset, outcome)
-        return len(records)
-
-    def caught_up(self) -> bool:
-        """History is re-read: every assigned partition's position reached its resume offset."""
-        positions = self.consumer.positions()
-        if not positions:
-            return False
-        return all(
-            positions.get(key, 0) >= offset
-            for key, offset in self.resume.items()
-            if key in positions
-        )
-
-    def resume_offsets(self, trained: Iterable[str] = ()) -> Offsets:
-        return self.data.resume_offsets(self.consumer.positions(), self.resume, trained)
-
-    def commit(self, offsets: Mapping[tuple[str, int], int]) -> None:
-        self.consumer.commit({k: v for k, v in offsets.items() if k in self.consumer.positions()})
-
-    def lag(self) -> dict[str, int]:
-        """Records in Kafka not read yet, per topic."""
-        positions = self.consumer.positions()
-        lag: Counter[str] = Counter()
-        for (topic, partition), end in self.consumer.end_offsets().items():
-            lag[topic] += max(0, end - positions.get((topic, partition), 0))
-        return dict(lag)

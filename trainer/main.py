@@ -29,8 +29,9 @@ from trainer import registry as registry_lib
 from trainer import state as state_lib
 from trainer.config import TrainerConfig
 from trainer.corpus import PretrainCorpus
-from trainer.data import Offsets, StreamReader, StreamTopics, TrainingData
+from trainer.data import Offsets, TrainingData
 from trainer.metrics import TrainerMetrics
+from trainer.reader import StreamReader, StreamTopics
 from trainer.registry import POLICY, REWARD
 from trainer.rounds import Trainer
 
@@ -101,7 +102,10 @@ def run(
     if serve_metrics and cfg.metrics_port:
         start_http_server(cfg.metrics_port, registry=prom)
     stream_topics = StreamTopics.with_prefix(cfg.topic_prefix)
-    bus.ensure_topics(cfg.bootstrap_servers, [*stream_topics.inputs(), stream_topics.models])
+    parked = [stream_topics.parked(kind) for kind in ("demonstrations", "comparisons")]
+    bus.ensure_topics(
+        cfg.bootstrap_servers, [*stream_topics.inputs(), stream_topics.models, *parked]
+    )
     # The bus registers the same metric names for producers and consumers; the consumer's
     # (records read, dead letters) are the ones a trainer operator watches.
     producer = bus.Producer(cfg.bootstrap_servers, client_id=cfg.client_id)

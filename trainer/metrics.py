@@ -96,6 +96,13 @@ class TrainerMetrics:
             ["topic", "outcome"],
             registry=registry,
         )
+        self.parked = Counter(
+            "rlhf_trainer_records_parked_total",
+            "Pending records taken out of training after schedule.park_after_failures rounds "
+            "held back by gates, by kind (labelled ones go to <topic>.parked)",
+            ["kind"],
+            registry=registry,
+        )
         self.buffered = Gauge(
             "rlhf_trainer_buffered_records",
             "Records held in the training buffers, by kind and split",

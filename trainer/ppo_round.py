@@ -51,9 +51,15 @@ def kl_controller(c: PPOConfig, beta: float | None = None) -> KLController:
 
 
 def run_ppo_round(
-    ctx: RoundContext, pool: Sequence[Prompt], *, val_prompts: Sequence[Prompt]
+    ctx: RoundContext,
+    pool: Sequence[Prompt],
+    *,
+    val_prompts: Sequence[Prompt],
+    trained_ids: Sequence[str] = (),
 ) -> Candidate:
-    """``pool``: train prompts to roll out on; ``val_prompts``: what the gates evaluate on."""
+    """``pool``: train prompts to roll out on; ``val_prompts``: what the gates evaluate on;
+    ``trained_ids``: the new served prompts this round accounts for (published, they leave
+    the pending list)."""
     cfg, c = ctx.cfg, ctx.cfg.ppo
     start = registry_lib.policy_dir(cfg.registry, cfg.base_model)
     reference_path = registry_lib.reference_of(cfg.registry, start, cfg.base_model)
@@ -165,7 +171,7 @@ def run_ppo_round(
         save,
         metrics,
         gate,
-        (),
+        tuple(trained_ids),
         "prompts",
         parent=start.name if in_registry else None,
         reference=reference_name,

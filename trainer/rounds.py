@@ -42,16 +42,20 @@ from trainer import registry as registry_lib
 from trainer import state as state_lib
 from trainer.config import TrainerConfig
 from trainer.corpus import PretrainCorpus
-from trainer.data import StreamReader, StreamTopics
 from trainer.gates import GateResult
 from trainer.metrics import TrainerMetrics
 from trainer.ppo_round import run_ppo_round
+from trainer.reader import StreamReader, StreamTopics
 from trainer.registry import POLICY, REWARD
 from trainer.rm_round import run_rm_round
 from trainer.round import Candidate, RoundAborted, RoundContext
 from trainer.sft_round import run_sft_round
 
 log = logging.getLogger(__name__)
+
+# Round type -> the data kind it trains on, and back.
+ROUND_KINDS = {"sft": "demonstrations", "rm": "comparisons", "ppo": "prompts"}
+_ROUND_OF = {kind: round_type for round_type, kind in ROUND_KINDS.items()}
 
 
 @dataclass
@@ -98,6 +102,8 @@ class Trainer:
             models.load_tokenizer(registry_lib.policy_dir(cfg.registry, cfg.base_model))
         )
         self.publish_dtype = registry_lib.publish_dtype(cfg.publish_dtype, device)
+        # Round type -> (errors in a row, monotonic time before which it does not run again).
+        self._errors: dict[str, tuple[int, float]] = {}
 
     # ------------------------------------------------------------------ registry
 
@@ -135,41 +141,47 @@ class Trainer:
     def due(self) -> str | None:
         """The round to run now, if any (SFT before RM before PPO-ptx)."""
         s = self.cfg.schedule
-        new = {kind: self._new_data(kind) for kind in ("sft", "rm", "ppo")}
+        now = time.monotonic()
+        new = {kind: self._new_data(kind) for kind in ROUND_KINDS}
         if s.ppo_needs_rm and registry_lib.trained_rm(self.registry) is None:
             new["ppo"] = 0
+        for kind in ROUND_KINDS:  # a type that failed with an error waits out its backoff
+            if now < self._errors.get(kind, (0, 0.0))[1]:
+                new[kind] = 0
         thresholds = {"sft": s.sft_min_new, "rm": s.rm_min_new, "ppo": s.ppo_min_new}
         for kind, threshold in thresholds.items():
+            # A full pending list starts a round whatever the threshold: reading waits for it.
+            enough = new[kind] >= threshold or (new[kind] > 0 and self.data.full(ROUND_KINDS[kind]))
             # After a failed round, the same data alone does not start it again: new data or
             # the interval does (otherwise a failing gate would retrain in a tight loop).
-            if new[kind] >= threshold and new[kind] > self._held.get(kind, -1):
+            if enough and new[kind] > self._held.get(kind, -1):
                 return kind
-        if time.monotonic() - self._last_round >= s.interval_s:
+        if now - self._last_round >= s.interval_s:
             return next((kind for kind, n in new.items() if n > 0), None)
         return None
 
     def _new_data(self, round_type: str) -> int:
-        if round_type == "sft":
-            return len(self.data.pending_demonstrations)
-        if round_type == "rm":
-            return len(self.data.pending_comparisons)
-        return self.data.new_prompts
+        if round_type == "ppo":
+            return self.data.new_prompts
+        return len(self.data.pending(ROUND_KINDS[round_type]))
 
     def run(self) -> None:
         """Reads and trains until ``stop`` is set or ``schedule.max_rounds`` rounds ran."""
         last_gauges = 0.0
         while not self.stop.is_set():
-            self.reader.poll()
+            read = self.reader.poll()
             if time.monotonic() - last_gauges > 5.0:
                 self.update_gauges()
                 last_gauges = time.monotonic()
-            if not self.reader.caught_up():
-                continue
-            if not self._try_announce():
-                self.stop.wait(1.0)
-                continue
-            kind = self.due()
+            kind = None
+            if self.reader.caught_up():
+                if not self._try_announce():
+                    self.stop.wait(1.0)
+                    continue
+                kind = self.due()
             if kind is None:
+                if not read:  # e.g. every partition paused: poll does not wait then
+                    self.stop.wait(self.cfg.data.poll_timeout_s)
                 continue
             self.run_round(kind)
             self.rounds_run += 1
@@ -204,17 +216,19 @@ class Trainer:
                 log.warning(
                     "%s round held back by gates: %s", round_type, candidate.gate.describe()
                 )
+                self._park_failed(candidate)
             else:
                 with ctx.phase("publish"):
                     result.version = self._publish(round_type, candidate)
                     result.outcome = "published"
                     self._held.pop(round_type, None)
                     self._try_announce()
+            self._errors.pop(round_type, None)
         except RoundAborted:
             result.outcome = "aborted"
             log.info("%s round aborted: the trainer is stopping", round_type)
-        except Exception:
-            log.exception("%s round failed", round_type)
+        except Exception as exc:
+            self._back_off(round_type, exc)
         finally:
             self._last_round = time.monotonic()
         result.phases = ctx.phases
@@ -227,6 +241,44 @@ class Trainer:
         log.info("%s round %s in %.1fs %s", round_type, result.outcome, duration,
                  {k: round(v, 4) for k, v in result.metrics.items()})  # fmt: skip
         return result
+
+    def _back_off(self, round_type: str, exc: Exception) -> None:
+        """A round that failed with an error (a full or read-only registry, a broken model...)
+        does not run again at once: it waits ``error_backoff_s``, doubling per error in a row.
+        The first error of a streak logs its traceback, later ones one line."""
+        s = self.cfg.schedule
+        errors = self._errors.get(round_type, (0, 0.0))[0] + 1
+        wait = min(s.error_backoff_max_s, s.error_backoff_s * 2 ** (errors - 1))
+        self._errors[round_type] = (errors, time.monotonic() + wait)
+        if errors == 1:
+            log.exception("%s round failed; its next try is in %.0fs", round_type, wait)
+        else:
+            log.error("%s round failed again (%d in a row): %s: %s; next try in %.0fs",
+                      round_type, errors, type(exc).__name__, exc, wait)  # fmt: skip
+
+    def _park_failed(self, candidate: Candidate) -> None:
+        """Records that were in ``park_after_failures`` failed rounds leave training: labelled
+        ones are written to ``<topic>.parked`` first (nothing is lost), prompts expire."""
+        kind = candidate.kind
+        doomed = self.data.round_failed(
+            kind, candidate.trained_ids, self.cfg.schedule.park_after_failures
+        )
+        if not doomed:
+            return
+        try:
+            if kind != "prompts":
+                topic = self.topics.parked(kind)
+                for record in doomed:
+                    self.producer.send(topic, record.event, key=record.user_id)  # type: ignore[union-attr]
+                self.producer.flush(timeout_s=30)
+        except (bus.PublishError, KafkaError) as exc:
+            log.warning("could not park %d %s, they stay pending: %s", len(doomed), kind, exc)
+            return
+        self.data.park(kind, [r.event_id for r in doomed])
+        self.metrics.parked.labels(kind=kind).inc(len(doomed))
+        self._held.pop(_ROUND_OF[kind], None)
+        log.warning("parked %d %s after %d rounds held back by gates", len(doomed), kind,
+                    self.cfg.schedule.park_after_failures)  # fmt: skip
 
     def _train(self, ctx: RoundContext) -> Candidate:
         """The round function of ``ctx.round_type`` on the buffers' current data."""
@@ -246,7 +298,8 @@ class Trainer:
         if ctx.round_type == "ppo":
             val = [p.prompt for p in list(data.prompts["val"])[-self.cfg.gates.eval_prompts :]]
             pool = [p.prompt for p in data.prompts["train"]]
-            return run_ppo_round(ctx, pool, val_prompts=val)
+            new = tuple(p.event_id for p in data.pending_prompts)
+            return run_ppo_round(ctx, pool, val_prompts=val, trained_ids=new)
         raise ValueError(f"unknown round type {ctx.round_type!r}")
 
     # ------------------------------------------------------------------ publish protocol
