@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import Counter
 
 from prometheus_client import CollectorRegistry
 
 from rlhf import bus
+from rlhf.split import split_for, split_for_user
 from rlhf.v1 import events_pb2
 from trainer.config import DataConfig
 from trainer.data import Source, TrainingData, near_dup_key
@@ -271,3 +273,18 @@ def test_reader_applies_the_rules_to_a_real_stream_and_replays_history(kafka):
     assert [d.event_id for d in data2.demonstrations["val"]] == ["d1"]
     assert reader2.caught_up()
     reader2.consumer.close()
+
+
+def test_anonymous_prompts_are_split_by_prompt_not_as_one_user():
+    prompts = [f"question number {i}" for i in range(2000)]
+    splits = Counter(split_for("", p, 0.1, 0.1) for p in prompts)
+    # Spread over the three splits at the fractions (one user id "" would be one split).
+    assert 150 < splits[VAL] < 250 and 150 < splits[TEST] < 250
+    # One prompt is always in one split, whatever its case and spacing.
+    assert split_for("", "Question  Number 7", 0.1, 0.1) == split_for(
+        "", "question number 7", 0.1, 0.1
+    )
+    # A named user keeps the user's split for every prompt.
+    assert {split_for("user-1", p, 0.1, 0.1) for p in prompts[:50]} == {
+        split_for_user("user-1", 0.1, 0.1)
+    }

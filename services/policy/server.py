@@ -32,7 +32,7 @@ from rlhf.pool import ModelPool, NotServing
 from rlhf.runtime import CallError, Scope, ServerRuntime
 
 # One split function for every process, so a user lands in the same split everywhere.
-from rlhf.split import split_for_user
+from rlhf.split import split_for
 from rlhf.v1 import admin_pb2_grpc, events_pb2, inference_pb2, inference_pb2_grpc
 from services.policy import http_openai, http_tgi
 from services.policy.config import LimitsConfig, PolicyServerConfig
@@ -301,7 +301,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             parameters=_effective_parameters(call.params),
             model_version=call.policy.version,
             user_id=call.request.user_id,
-            split=split_for_user(call.request.user_id, *self._split_fractions),
+            split=split_for(call.request.user_id, call.request.prompt, *self._split_fractions),
             samples=[
                 events_pb2.GeneratedSample(
                     generation_id=call.generation_ids[s.index],
