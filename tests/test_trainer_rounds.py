@@ -13,10 +13,11 @@ import pytest
 from kafka import KafkaAdminClient
 from prometheus_client import CollectorRegistry
 
-from rlhf import bus, checkpoint, models
+from rlhf import bus, checkpoint, encoding, models
 from rlhf.kafka_local import free_port
 from rlhf.seed import seed_registry
 from rlhf.v1 import events_pb2
+from tests.trainer_support import Process
 from trainer.config import (
     DataConfig,
     GatesConfig,
@@ -32,6 +33,7 @@ from trainer.metrics import TrainerMetrics
 from trainer.reader import StreamReader, StreamTopics
 from trainer.registry import policy_dir, reference_dir, trained_rm
 from trainer.rounds import Trainer
+from trainer.sft import sft_eval
 
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "pretrain.txt"
 TRAIN, VAL = events_pb2.SPLIT_TRAIN, events_pb2.SPLIT_VALIDATION
@@ -229,3 +231,31 @@ def test_rounds_start_from_a_seeded_registry_and_ppo_waits_for_a_trained_rm(tmp_
         registry, "reward", base / "reward", round_type="rm", parent=init_reward
     )
     assert trained_rm(registry) == registry / "reward" / rm.version
+
+
+def test_sft_validation_scores_the_encoding_sft_trains_on(kafka, tmp_path, base):
+    # Val demonstrations with responses longer than a PPO rollout: scored under the one
+    # encoding SFT trains with (the old gate cut them to rollout length with an added EOS).
+    cfg, topics = setup_stream(kafka, tmp_path, base)
+    produce_demos(kafka, topics, 8)
+    long = "the river runs past the mill and on to the sea, " * 4
+    producer = bus.Producer(kafka.bootstrap_servers, client_id="test-rounds")
+    val = [events_pb2.DemonstrationEvent(event_id=uuid.uuid4().hex, prompt=f"{i} tell a story",
+                                         response=long, user_id="v", split=VAL) for i in range(4)]  # fmt: skip
+    for event in val:
+        producer.send(topics.demonstrations, event, key="v")
+    producer.close()
+    process = Process(cfg, topics, kafka)
+    try:
+        process.read(demos=8)
+        while len(process.reader.data.demonstrations["val"]) < 4:
+            process.reader.poll()
+        manifest = process.round("sft")
+    finally:
+        process.close()
+    path = cfg.registry / "policy" / manifest.version
+    policy, tok = models.load_policy(path)
+    spec = encoding.spec_for_model(path, tok)
+    batch = encoding.encode_pairs(tok, spec, [e.prompt for e in val], [e.response for e in val])
+    assert int(batch.response_mask.sum(dim=1).max()) > cfg.ppo.max_new_tokens
+    assert manifest.metrics["val_sft_loss"] == pytest.approx(sft_eval(policy, batch), rel=1e-4)
