@@ -9,7 +9,10 @@ split) are never trained on; their comparisons and prompts measure the result:
 * noise-free labels: RM pairwise accuracy >= 90%;
 * 27% of pairs flipped (the paper's labeler disagreement): accuracy > 65%;
 * after PPO-ptx: mean reward and the hidden property's rate on held-out prompts are higher
-  than the SFT policy's, and KL to the SFT policy stays under the budget.
+  than the SFT policy's; the tuned policy's answer beats the SFT reference's on >= 70% of
+  held-out prompts by the hidden preference (the paper's win rate, judged by what the
+  trainer never sees); the round passed its own win-rate gate (by the RM, on val prompts);
+  KL to the SFT policy stays under the budget and the pretraining loss within tolerance.
 
 PPO-ptx runs with gamma_ptx = 1: at the paper's 27.8 the pretraining term outweighs the RL
 term on this tiny model, the policy's val reward drops and the reward gate holds the round back.
@@ -42,6 +45,7 @@ from trainer.config import (
     SFTConfig,
     TrainerConfig,
 )
+from trainer.gates import WinRate
 from trainer.main import run
 from trainer.reader import StreamTopics
 from trainer.simulator import (
@@ -219,10 +223,29 @@ def test_ppo_ptx_raises_reward_and_the_hidden_property_within_the_kl_budget(worl
     reward_after = sum(after.rewards) / len(after.rewards)
     kl = sum(after.kl) / len(after.kl)
     rate_before, rate_after = PREFERENCE.mean(before.responses), PREFERENCE.mean(after.responses)
+    # The paper's headline measure: on each held-out prompt, is the tuned policy's answer
+    # preferred to the SFT reference's? Judged by the labelers' hidden preference, which the
+    # trainer never sees, and by the RM (what the trainer's gate uses on val prompts).
+    hidden = WinRate.of([
+        1.0 if a > b else 0.5 if a == b else 0.0
+        for a, b in zip(map(PREFERENCE.score, after.responses),
+                        map(PREFERENCE.score, before.responses), strict=True)
+    ])  # fmt: skip
+    by_rm = evaluate.win_rate(after.rewards, before.rewards)
+    manifest = checkpoint.read_manifest(ppo_dir)
+    sft_manifest = checkpoint.read_manifest(world["sft_dir"])
+    ptx_rise = manifest.metrics["val_ptx_loss"] / sft_manifest.metrics["val_ptx_loss"] - 1
     print(
         f"held-out reward {reward_before:.3f} -> {reward_after:.3f}, rate of 'e' "
-        f"{rate_before:.3f} -> {rate_after:.3f}, KL {kl:.3f} nats"
+        f"{rate_before:.3f} -> {rate_after:.3f}, KL {kl:.3f} nats (budget {cfg.gates.kl_budget}); "
+        f"win rate vs SFT by the hidden preference {hidden.rate:.3f} "
+        f"[{hidden.low:.3f}, {hidden.high:.3f}], by the RM {by_rm.rate:.3f}, val (gate) "
+        f"{manifest.metrics['val_win_rate']:.3f}; ptx loss {ptx_rise:+.1%} vs SFT "
+        f"(tolerance {cfg.gates.ptx_tolerance:.0%})"
     )
     assert reward_after > reward_before
     assert rate_after > rate_before
     assert kl < cfg.gates.kl_budget
+    assert manifest.metrics["val_win_rate"] >= cfg.gates.min_win_rate
+    assert ptx_rise <= cfg.gates.ptx_tolerance
+    assert hidden.rate >= 0.70, hidden
