@@ -136,6 +136,7 @@ def scrape(port: int, metric: str) -> float:
 
 # Eval metrics of a version worth a glance: (manifest key, label).
 _SHOWN_METRICS = (
+    ("val_win_rate", "win rate vs SFT"),
     ("val_mean_reward", "val reward"),
     ("val_kl", "KL"),
     ("val_ptx_loss", "ptx loss"),
@@ -199,6 +200,11 @@ class Summary:
                 details = ", ".join(
                     f"{label} {m[key]:.3g}" for key, label in _SHOWN_METRICS if key in m
                 )
+                if "val_win_rate_low" in m:  # the interval of the win rate, just after it
+                    interval = f" (95% {m['val_win_rate_low']:.2f}-{m['val_win_rate_high']:.2f})"
+                    details = details.replace(", ", interval + ", ", 1)
+                elif "val_sft_loss" in m:  # an SFT version is the reference of its lineage
+                    details = "SFT reference, " + details
                 lines.append(
                     f"   {version}: '{self.preference.target}' rate "
                     f"{sum(scores) / len(scores):.3f} over {len(scores)} responses"
@@ -216,6 +222,9 @@ class Summary:
                 "promoted": state.promoted if state else None,
                 "served_versions": sorted(rates),
                 "property_rate_by_version": rates,
+                "win_rate_vs_sft_by_version": {
+                    v: m["val_win_rate"] for v, m in self.metrics.items() if "val_win_rate" in m
+                },
                 "rankings": self.rankings,
                 "demonstrations": self.demonstrations,
                 "client_errors": self.errors,

@@ -2,7 +2,8 @@
 
 It continues the latest trained RM (the first one starts from the SFT policy's trunk,
 ``trainer.registry.load_rm``), then sets the bias so demonstrations score 0 on average.
-Gate: val pairwise accuracy may drop at most ``gates.rm_accuracy_margin``.
+Gate: val pairwise accuracy may drop at most ``gates.rm_accuracy_margin`` below the RM it
+continued (the first RM trained from feedback has nothing to beat).
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ def run_rm_round(
     cfg, c = ctx.cfg, ctx.cfg.rm
     rm, tok = registry_lib.load_rm(cfg.registry, cfg.base_model, ctx.device)
     with ctx.phase("evaluation"):
-        before = evaluate.rm_accuracy(rm, tok, ctx.spec, val)
+        # The first RM trained from feedback has nothing to beat: an initial RM's zero head
+        # ties every pair (accuracy 0.5 exactly), which a small val set's noise then "fails".
+        first = registry_lib.trained_rm(cfg.registry) is None
+        before = None if first else evaluate.rm_accuracy(rm, tok, ctx.spec, val)
     steps = c.epochs * math.ceil(len(comparisons) / c.batch_prompts)
     rm.requires_grad_(True)
     opt = optimizer(rm.parameters(), c.lr, c.adam_betas, c.weight_decay)
