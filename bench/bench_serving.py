@@ -9,6 +9,8 @@ Peers, for each model size and for greedy and sampled requests (temperature 0.8,
 
 * ``engine cN``: ``rlhf serve policy`` (native engine) over gRPC, N concurrent clients in a
   closed loop (each sends its next request when the previous one returned), N = 1, 8, 32;
+* ``http c32``: the same server process through its OpenAI door (``POST /v1/completions``,
+  ``serving_http.py``), and the per-request cost of HTTP over gRPC (``http_vs_grpc``);
 * ``static bN``: ``model.generate`` in this process on left-padded batches of N prompts;
 * ``hf-continuous``: transformers' continuous batching (``generate_batch``), all prompts at once;
 * ``vllm-engine c32``: ``rlhf serve policy --engine.kind vllm`` over gRPC (our server in front
@@ -49,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from serving_http import http_overhead, http_run  # noqa: E402
 from serving_peers import (  # noqa: E402
     Run,
     Settings,
@@ -74,7 +77,7 @@ def prompts(count: int) -> list[str]:
 
 
 def start_server(
-    model_path: Path, port: int, args: argparse.Namespace, kind: str
+    model_path: Path, port: int, args: argparse.Namespace, kind: str, http_port: int = -1
 ) -> subprocess.Popen:
     cmd = [
         sys.executable, "-m", "rlhf", "serve", "policy", "--engine.kind", kind,
@@ -84,6 +87,7 @@ def start_server(
         "--limits.max-new-tokens", str(max(args.max_new_tokens, 64)),
         "--limits.max-input-tokens", "448",
         "--vllm.threads", str(args.threads),
+        "--runtime.http-host", "127.0.0.1", "--runtime.http-port", str(http_port),
     ]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -179,9 +183,11 @@ def bench_size(size: str, args: argparse.Namespace, tmp: Path) -> dict:
     vllm_alone = None
     skipped = vllm_reason(model_path, args)
     try:
+        native_http = free_port()
         for kind in ["native"] + ([] if skipped else ["vllm"]):
             port = free_port()
-            servers[kind] = (port, start_server(model_path, port, args, kind))
+            http = native_http if kind == "native" else -1
+            servers[kind] = (port, start_server(model_path, port, args, kind, http))
         if not skipped:
             from services.policy.config import VLLMConfig
             from services.policy.engines.vllm import VLLMEngine
@@ -200,6 +206,7 @@ def bench_size(size: str, args: argparse.Namespace, tmp: Path) -> dict:
         native = servers["native"][0]
         for c in levels:
             peers[f"engine c{c}"] = functools.partial(_grpc, native, texts, c)
+        peers[f"http c{top}"] = functools.partial(http_run, native_http, texts, top)
         for b in levels:
             peers[f"static b{b}"] = functools.partial(_static, model, tok, ids, b)
         if not skipped:
@@ -256,12 +263,17 @@ def bench_size(size: str, args: argparse.Namespace, tmp: Path) -> dict:
                     / table[f"vllm c{top}"]["tokens_per_s"],
                     2,
                 )
+            ratios[f"http_c{top}_vs_engine_c{top}"] = round(
+                table[f"http c{top}"]["tokens_per_s"] / engine, 2
+            )
             if "hf-continuous" in table:
                 ratios[f"engine_c{top}_vs_hf_continuous"] = round(
                     engine / table["hf-continuous"]["tokens_per_s"], 2
                 )
             result[mode] = {"table": table, "ratios": ratios}
             print_table(size, mode, table, ratios, skipped)
+        result["http_vs_grpc"] = http_overhead(native, native_http)
+        print(f"\n{size}: HTTP vs gRPC per request {result['http_vs_grpc']}", flush=True)
         if skipped:
             result["vllm_skipped"] = skipped
         if args.device.startswith("cuda"):

@@ -1,10 +1,18 @@
 """The policy server's TGI-compatible HTTP API, driven by ``huggingface_hub.InferenceClient``
-(the client TGI's users have) on localhost, with the Kafka record of every generation."""
+(the client TGI's users have) on localhost, with the Kafka record of every generation, and by
+TGI's own ``text-generation`` client. That client pins ``huggingface_hub<1``, which cannot share
+the project's environment (``huggingface_hub`` 2.x), so it runs from a virtualenv of its own,
+built on first use under ~/.cache/rlhf (``$RLHF_CACHE``) and reused afterwards."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx2
 import pytest
@@ -125,3 +133,68 @@ def test_info_health_tokenize_and_compat_route(url: str) -> None:
     )
     assert streamed.headers["content-type"].startswith("text/event-stream")
     assert streamed.text.count("data:") == 3
+
+
+TEXT_GENERATION = "text-generation==0.7.0"
+_TEXT_GENERATION_SCRIPT = r"""
+import asyncio, json, sys
+from text_generation import AsyncClient, Client
+from text_generation.errors import ValidationError
+
+url, key = sys.argv[1], sys.argv[2]
+headers = {"authorization": f"Bearer {key}"}
+kwargs = dict(max_new_tokens=8, seed=3, do_sample=True, temperature=0.8, top_k=40)
+client = Client(url, headers=headers, timeout=60)
+out = client.generate("Hello", **kwargs)
+events = list(client.generate_stream("Hello", **kwargs))
+async_out = asyncio.run(AsyncClient(url, headers=headers, timeout=60).generate("Hello", **kwargs))
+try:
+    client.generate("Hello", max_new_tokens=8, temperature=-1.0)
+    error = None
+except ValidationError as exc:
+    error = str(exc)
+print(json.dumps({
+    "text": out.generated_text,
+    "finish_reason": out.details.finish_reason,
+    "generated_tokens": out.details.generated_tokens,
+    "token_ids": [t.id for t in out.details.tokens],
+    "seed": out.details.seed,
+    "streamed": "".join(e.token.text for e in events),
+    "stream_final": events[-1].generated_text,
+    "async_text": async_out.generated_text,
+    "validation_error": error,
+}))
+"""
+
+
+def text_generation_python() -> Path:
+    """A virtualenv with TGI's ``text-generation`` client (created on first use)."""
+    cache = Path(os.environ.get("RLHF_CACHE", Path.home() / ".cache" / "rlhf"))
+    venv = cache / f"client-{TEXT_GENERATION.replace('==', '-')}"
+    python = venv / "bin" / "python"
+    if (venv / ".complete").is_file():
+        return python
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", TEXT_GENERATION],
+        check=True,
+        timeout=900,
+    )
+    (venv / ".complete").touch()
+    return python
+
+
+def test_tgi_text_generation_client(url: str, tmp_path: Path) -> None:
+    python = text_generation_python()
+    script = tmp_path / "tgi_client.py"
+    script.write_text(_TEXT_GENERATION_SCRIPT)
+    done = subprocess.run(
+        [str(python), str(script), url, KEY], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["generated_tokens"] == len(got["token_ids"]) <= 8
+    assert got["finish_reason"] in ("length", "eos_token") and got["seed"] == 3
+    # Same seed: the sync, streamed and async calls produce the same text.
+    assert got["streamed"] == got["stream_final"] == got["text"] == got["async_text"]
+    assert "temperature" in got["validation_error"]
