@@ -3,7 +3,8 @@ gRPC door, in the same run, against the same server process and engine.
 
 * ``http_run``: ``POST /v1/completions`` with the same prompts, settings and seeds as the gRPC
   peer, N concurrent clients in a closed loop (tokens from ``usage``; streamed for time to
-  first token);
+  first token, which over HTTP is the first chunk with text: a token that ends inside a UTF-8
+  character sends none, and the tiny byte-level model samples many);
 * ``http_overhead``: what a request costs the HTTP door beyond gRPC: one-token requests, one
   at a time, the two protocols interleaved, median latencies and their difference.
 """
