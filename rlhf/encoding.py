@@ -9,6 +9,8 @@ exactly as it was trained.
     EncodingSpec(chat_template, max_prompt_tokens, max_response_tokens, truncation_side,
                  append_eos)                     frozen; to_dict() / from_dict() for manifests
     render_prompt(tok, spec, prompt) -> str      the text the tokenizer sees before a response
+    tokenize_prompt(tok, spec, text) / truncate_prompt(tok, spec, ids)   the next two steps
+    truncate_response(spec, ids)                 cut untruncated response ids as training does
     prompt_ids(tok, spec, prompt) -> list[int]   rendered, tokenised, truncated
     response_ids(tok, spec, response) -> list[int]   tokenised, truncated, + EOS
     encode_pairs(tok, spec, prompts, responses) -> PairBatch
@@ -19,7 +21,7 @@ exactly as it was trained.
     pad(seqs, pad_id, side) -> (input_ids, attention_mask)
 
 A prompt is plain text or a conversation (a sequence of `Message(role, content)`, roles
-system / user / assistant, ending where the assistant's reply starts). With
+system / user / assistant, ending where the assistant's reply starts; ``rlhf.chat``). With
 `chat_template` on, a conversation is rendered by the tokenizer's chat template with the
 assistant's generation prompt, and plain text is one user turn; the rendered text carries its
 own special tokens (BOS), so it is tokenised without adding any. With it off, plain text is
@@ -47,23 +49,32 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-ROLES = ("system", "user", "assistant")
+from rlhf.chat import EncodingError, Message, Prompt, check_conversation, prompt_text
+
+__all__ = [
+    "EncodingError",
+    "EncodingSpec",
+    "Message",
+    "PairBatch",
+    "Prompt",
+    "check_conversation",
+    "encode_pairs",
+    "encode_prompts",
+    "encode_texts",
+    "has_chat_template",
+    "join_pairs",
+    "pad",
+    "prompt_ids",
+    "prompt_text",
+    "render_prompt",
+    "response_ids",
+    "spec_for_model",
+    "tokenize_prompt",
+    "truncate_prompt",
+    "truncate_response",
+]
+
 SIDES = ("left", "right")
-
-
-class EncodingError(ValueError):
-    """A prompt this spec cannot encode; the message names what is wrong."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Message:
-    """One turn of a conversation."""
-
-    role: str
-    content: str
-
-
-Prompt = str | Sequence[Message]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,26 +137,6 @@ def spec_for_model(path: str | Path, tok: PreTrainedTokenizerBase) -> EncodingSp
 # --------------------------------------------------------------------------- prompts
 
 
-def check_conversation(messages: Sequence[Message]) -> None:
-    """EncodingError naming the first bad message: unknown role, empty content, no messages."""
-    if not messages:
-        raise EncodingError("messages must hold at least one message")
-    for i, m in enumerate(messages):
-        if m.role not in ROLES:
-            raise EncodingError(
-                f"messages[{i}].role: unknown role {m.role!r}; use one of {', '.join(ROLES)}"
-            )
-        if not m.content.strip():
-            raise EncodingError(f"messages[{i}].content must not be empty")
-
-
-def prompt_text(prompt: Prompt) -> str:
-    """A plain-text view of a prompt (keys, logs): the text, or `role: content` lines."""
-    if isinstance(prompt, str):
-        return prompt
-    return "\n".join(f"{m.role}: {m.content}" for m in prompt)
-
-
 def render_prompt(tok: PreTrainedTokenizerBase, spec: EncodingSpec, prompt: Prompt) -> str:
     """The text the tokenizer sees before the response (for a chat model: with its specials)."""
     if not spec.chat_template:
@@ -170,11 +161,22 @@ def render_prompt(tok: PreTrainedTokenizerBase, spec: EncodingSpec, prompt: Prom
     return str(text)
 
 
-def _truncate_prompt(ids: list[int], spec: EncodingSpec, special: set[int]) -> list[int]:
+def tokenize_prompt(tok: PreTrainedTokenizerBase, spec: EncodingSpec, text: str) -> list[int]:
+    """A rendered prompt's ids: raw text gets the tokenizer's prefix (BOS); a rendered chat
+    prompt carries its own special tokens."""
+    return list(tok(text, add_special_tokens=not spec.chat_template)["input_ids"])
+
+
+def truncate_prompt(
+    tok: PreTrainedTokenizerBase, spec: EncodingSpec, ids: Sequence[int]
+) -> list[int]:
+    """Prompt ids cut to max_prompt_tokens on the spec's truncation side (module doc)."""
+    ids = list(ids)
     if len(ids) <= spec.max_prompt_tokens:
         return ids
     if spec.truncation_side == "right":
         return ids[: spec.max_prompt_tokens]
+    special = set(tok.all_special_ids)
     n_prefix = next((i for i, t in enumerate(ids) if t not in special), len(ids))
     n_prefix = min(n_prefix, spec.max_prompt_tokens - 1)
     return ids[:n_prefix] + ids[len(ids) - (spec.max_prompt_tokens - n_prefix) :]
@@ -184,9 +186,8 @@ def prompt_ids(
     tok: PreTrainedTokenizerBase, spec: EncodingSpec, prompt: Prompt, *, truncate: bool = True
 ) -> list[int]:
     """Rendered and tokenised prompt, truncated per the spec (raises EncodingError)."""
-    text = render_prompt(tok, spec, prompt)
-    ids = list(tok(text, add_special_tokens=not spec.chat_template)["input_ids"])
-    return _truncate_prompt(ids, spec, set(tok.all_special_ids)) if truncate else ids
+    ids = tokenize_prompt(tok, spec, render_prompt(tok, spec, prompt))
+    return truncate_prompt(tok, spec, ids) if truncate else ids
 
 
 def response_ids(
@@ -194,10 +195,18 @@ def response_ids(
 ) -> list[int]:
     """Response tokens, cut to max_response_tokens including the closing EOS."""
     ids = list(tok(response, add_special_tokens=False)["input_ids"])
-    room = spec.max_response_tokens - int(spec.append_eos)
-    if truncate:
-        ids = ids[:room]
-    return [*ids, tok.eos_token_id] if spec.append_eos else ids
+    if spec.append_eos:
+        ids.append(tok.eos_token_id)
+    return truncate_response(spec, ids) if truncate else ids
+
+
+def truncate_response(spec: EncodingSpec, ids: Sequence[int]) -> list[int]:
+    """Untruncated `response_ids` cut to max_response_tokens, keeping the closing EOS."""
+    if len(ids) <= spec.max_response_tokens:
+        return list(ids)
+    if spec.append_eos:
+        return [*ids[: spec.max_response_tokens - 1], ids[-1]]
+    return list(ids[: spec.max_response_tokens])
 
 
 # --------------------------------------------------------------------------- batches

@@ -165,12 +165,18 @@ class RedactionMetrics:
 
 
 def redact_served(redactor: Redactor, event: events_pb2.ServedGeneration) -> Counter[str]:
-    """Redacts a served generation in place: the prompt and every sample's text. A sample
-    whose text changed loses its token ids and logprobs, which would spell out the PII (the
-    gateway's rule for ranked responses)."""
+    """Redacts a served generation in place: the prompt (or every turn of its conversation,
+    and its rendered form) and every sample's text. A sample whose text changed loses its
+    token ids and logprobs, which would spell out the PII (the gateway's rule for ranked
+    responses)."""
     found: Counter[str] = Counter()
     event.prompt, counts = redactor.redact(event.prompt)
     found.update(counts)
+    for message in event.messages:
+        message.content, counts = redactor.redact(message.content)
+        found.update(counts)
+    # Counted once: the rendered prompt repeats the prompt or the conversation.
+    event.rendered_prompt, _ = redactor.redact(event.rendered_prompt)
     for sample in event.samples:
         sample.text, counts = redactor.redact(sample.text)
         if counts:

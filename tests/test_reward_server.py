@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -17,10 +17,12 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
+from rlhf import checkpoint
+from rlhf.chat import Message, Prompt
 from rlhf.encoding import EncodingSpec
 from rlhf.kafka_local import free_port
 from rlhf.models import build_tiny, load_reward_model, reward_model_from_policy, score
-from rlhf.v1 import reward_pb2, reward_pb2_grpc
+from rlhf.v1 import inference_pb2, reward_pb2, reward_pb2_grpc
 from services.reward.config import (
     BatchConfig,
     LimitsConfig,
@@ -29,8 +31,11 @@ from services.reward.config import (
     RewardServerConfig,
 )
 from services.reward.server import RewardServer
+from trainer import rm as rm_steps
+from trainer.config import EncodingConfig
 
 INFER = [("authorization", "Bearer rm-infer")]
+M = inference_pb2.ChatMessage
 BIAS = 0.25
 SPEC = EncodingSpec()  # the default for a model directory without a manifest
 
@@ -144,6 +149,24 @@ def test_json_scoring_over_http_matches_grpc(server: RewardServer, stub) -> None
     ("kwargs", "metadata", "code", "field"),
     [
         ({"prompt": "", "responses": ["x"]}, INFER, grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+        (
+            {"messages": [M(role="user", content="hi")], "responses": ["x"]},
+            INFER,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "rm-v7: this model takes plain prompts",
+        ),
+        (
+            {"prompt": "p", "messages": [M(role="user", content="hi")], "responses": ["x"]},
+            INFER,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "not both",
+        ),
+        (
+            {"messages": [M(role="robot", content="hi")], "responses": ["x"]},
+            INFER,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "messages[0].role: unknown role 'robot'",
+        ),
         ({"prompt": "p", "responses": []}, INFER, grpc.StatusCode.INVALID_ARGUMENT, "responses"),
         (
             {"prompt": "p", "responses": ["x"] * 17},
@@ -269,3 +292,55 @@ def test_cli_serves_and_stops_on_sigterm(rm_dir: Path) -> None:
             proc.wait()
     assert proc.returncode == 0, output
     assert "NO API KEYS CONFIGURED" in output and "reward server stopped" in output
+
+
+@pytest.mark.parametrize("family", ["byte", "bpe"])
+def test_the_reward_server_scores_exactly_as_the_trainer_trains(
+    family: str, family_models: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """One example, two paths: the trainer's RM encoding (its config resolved against the
+    model, then ``trainer.rm.encode_rankings``) and a reward server loading the checkpoint
+    the trainer would publish (the spec read back from its manifest). Short limits make both
+    truncate the prompt and a response; the BPE family renders its chat template."""
+    rm, tok = load_reward_model(family_models(family) / "reward")
+    with torch.no_grad():
+        rm.head.weight.normal_(generator=torch.Generator().manual_seed(3))
+        rm.bias.fill_(-0.5)
+    spec = EncodingConfig(max_prompt_tokens=12, max_response_tokens=10).resolve(tok)
+    assert spec.chat_template == (family == "bpe")
+    with checkpoint.staging(tmp_path) as staged:
+        rm.save(staged, tok)
+        version = checkpoint.publish(
+            tmp_path, "reward", staged, round_type="rm", encoding=spec.to_dict()
+        ).version
+    if family == "bpe":
+        prompt: Prompt = (
+            Message("system", "Réponds brièvement, s'il te plaît."),
+            Message("user", "Où est la gare ? Elle est loin d'ici ?"),
+        )
+        request = reward_pb2.ScoreRequest(
+            messages=[M(role=m.role, content=m.content) for m in prompt]
+        )
+    else:
+        prompt = "a question long enough to be cut to its last tokens?"
+        request = reward_pb2.ScoreRequest(prompt=prompt)
+    responses = ["Oui.", "Non, c'est tout près, à côté du café, à deux minutes à pied."]
+    request.responses.extend(responses)
+    batch = rm_steps.encode_rankings(tok, spec, [prompt], [responses], [[1, 2]])
+    assert int(batch.attention_mask[1].sum()) == 12 + 10  # both cut, EOS kept
+    with torch.no_grad():
+        trained = rm(batch.input_ids, batch.attention_mask)
+
+    config = RewardServerConfig(
+        model=ModelConfig(path=str(tmp_path / "reward" / version), device="cpu"),
+        runtime=RewardRuntimeConfig(host="127.0.0.1", port=0, metrics_port=-1, http_port=-1),
+    )
+    server = RewardServer(config, CollectorRegistry())
+    server.start_in_thread()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.runtime.port}") as channel:
+            reply = reward_pb2_grpc.RewardServiceStub(channel).Score(request, timeout=30)
+    finally:
+        server.stop_in_thread()
+    assert reply.model_version == version
+    torch.testing.assert_close(torch.tensor(list(reply.rewards)), trained, atol=1e-5, rtol=0)

@@ -10,8 +10,9 @@ from collections import Counter
 from prometheus_client import CollectorRegistry
 
 from rlhf import bus
+from rlhf.chat import Message
 from rlhf.split import split_for, split_for_user
-from rlhf.v1 import events_pb2
+from rlhf.v1 import events_pb2, inference_pb2
 from trainer.config import DataConfig
 from trainer.data import Source, TrainingData, near_dup_key
 from trainer.metrics import TrainerMetrics
@@ -288,3 +289,31 @@ def test_anonymous_prompts_are_split_by_prompt_not_as_one_user():
     assert {split_for("user-1", p, 0.1, 0.1) for p in prompts[:50]} == {
         split_for_user("user-1", 0.1, 0.1)
     }
+
+
+def test_conversations_are_prompts_when_the_encoding_has_a_chat_template():
+    def chat(event_id: str, *turns: tuple[str, str]) -> events_pb2.DemonstrationEvent:
+        return events_pb2.DemonstrationEvent(
+            event_id=event_id, response="r", user_id="u1", split=TRAIN,
+            messages=[inference_pb2.ChatMessage(role=r, content=c) for r, c in turns],
+        )  # fmt: skip
+
+    data = TrainingData(DataConfig())
+    good = chat("m1", ("system", "Be brief."), ("user", "Où est la gare ?"))
+    assert data.add("demonstrations", good, src(0)) == "accepted"
+    prompt = data.pending_demonstrations[0].prompt
+    assert prompt == (Message("system", "Be brief."), Message("user", "Où est la gare ?"))
+    # The same conversation and response again says nothing new; the encoding's rules apply.
+    assert data.add("demonstrations", chat("m2", *[(m.role, m.content) for m in prompt]), src(1)) == "duplicate"  # fmt: skip
+    assert data.add("demonstrations", chat("m3", ("robot", "hi")), src(2)) == "invalid"
+    assert data.add("demonstrations", chat("m4", ("user", " ")), src(3)) == "invalid"
+    served = events_pb2.ServedGeneration(
+        event_id="s1", user_id="u1", split=TRAIN, rendered_prompt="<|im_start|>user...",
+        messages=[inference_pb2.ChatMessage(role="user", content="hello")],
+    )  # fmt: skip
+    assert data.add("prompts", served, src(0, "rlhf.prompts")) == "accepted"
+    assert data.prompts["train"][-1].prompt == (Message("user", "hello"),)
+    # A trainer whose encoding has no chat template cannot encode a conversation.
+    plain = TrainingData(DataConfig(), conversations=False)
+    assert plain.add("demonstrations", chat("m5", ("user", "hi")), src(4)) == "no_chat_template"
+    assert plain.add("demonstrations", demo(5), src(5)) == "accepted"

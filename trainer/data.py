@@ -10,6 +10,10 @@ arrival order, and loses no distinct piece of labelled data:
 * **split**: train records feed rounds, validation records feed the gates, test records are
   only scored; an event without a split is rejected (its user's split is unknown, and a
   held-out user must never reach training);
+* **conversations**: a record may carry a conversation (``messages``) instead of a prompt;
+  it is the record's prompt (``rlhf.chat``; its `role: content` lines stand for it in keys),
+  checked by the rules its encoding applies, and rejected as ``no_chat_template`` when the
+  trainer's encoding has no chat template;
 * **per-user cap**: at most ``user_prompt_cap`` distinct prompts per user id (the paper's
   200), whatever the kind of record that carried them. **Anonymous** records (empty
   ``user_id``: served prompts of callers that name no user) have no user to cap; the policy
@@ -52,6 +56,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from rlhf import chat
 from rlhf.v1 import events_pb2
 from trainer.config import DataConfig
 
@@ -81,7 +86,7 @@ class Source:
 @dataclass(frozen=True)
 class Demonstration:
     event_id: str
-    prompt: str
+    prompt: chat.Prompt  # the text, or a conversation (a tuple of chat.Message)
     response: str
     user_id: str
     split: str
@@ -94,7 +99,7 @@ class Comparison:
     """One K-way ranking: ``ranks[i]`` is the rank of ``responses[i]`` (1 is best, equal is a tie)."""
 
     event_id: str
-    prompt: str
+    prompt: chat.Prompt
     responses: tuple[str, ...]
     ranks: tuple[int, ...]
     user_id: str
@@ -107,7 +112,7 @@ class Comparison:
 @dataclass(frozen=True)
 class Prompt:
     event_id: str
-    prompt: str
+    prompt: chat.Prompt
     user_id: str
     split: str
     source: Source
@@ -129,7 +134,8 @@ def near_dup_key(prompt: str, prefix_chars: int) -> str:
 def _content_key(value: Event) -> str:
     """Equal for two labelled records that say the same thing (same labeler included)."""
     h = hashlib.blake2b(digest_size=16)
-    parts: list[str] = [type(value).__name__, value.prompt, getattr(value, "labeler_id", "")]
+    prompt = chat.prompt_text(chat.prompt_of(value.prompt, value.messages))
+    parts: list[str] = [type(value).__name__, prompt, getattr(value, "labeler_id", "")]
     if isinstance(value, events_pb2.DemonstrationEvent):
         parts.append(value.response)
     elif isinstance(value, events_pb2.ComparisonEvent):
@@ -166,8 +172,10 @@ class Recent(Generic[K, V]):
 class TrainingData:
     """The data rules and the bounded buffers (no Kafka here: records come in via ``add``)."""
 
-    def __init__(self, cfg: DataConfig) -> None:
+    def __init__(self, cfg: DataConfig, *, conversations: bool = True) -> None:
         self.cfg = cfg
+        # Whether the trainer's encoding renders conversations (it has a chat template).
+        self.conversations = conversations
         self._seen: Recent[str, None] = Recent(cfg.dedupe_window)
         self._contents: Recent[str, None] = Recent(cfg.dedupe_window)
         self._user_prompts: Recent[str, set[str]] = Recent(cfg.user_window)
@@ -200,13 +208,15 @@ class TrainingData:
         split = SPLITS.get(value.split)
         if split is None:
             return "no_split"
-        if not value.prompt.strip():
-            return "invalid"
+        prompt = chat.prompt_of(value.prompt, value.messages)
+        rejected = self._check_prompt(prompt)
+        if rejected:
+            return rejected
         if isinstance(value, events_pb2.ComparisonEvent) and not _valid_ranking(value):
             return "invalid"
         # Rejected events are marked seen too: a redelivery is a duplicate, not a second rejection.
         self._seen.put(value.event_id, None)
-        key = near_dup_key(value.prompt, self.cfg.near_dup_prefix_chars)
+        key = near_dup_key(chat.prompt_text(prompt), self.cfg.near_dup_prefix_chars)
         labelled = kind != "prompts"
         content = _content_key(value) if labelled else ""
         if labelled and content in self._contents:
@@ -230,18 +240,36 @@ class TrainingData:
         if labelled:
             self._per_prompt[kind].put(key, count + 1)
             self._contents.put(content, None)
-        self._store(value, split, source, history, to_pool=not in_pool)
+        self._store(value, prompt, split, source, history, to_pool=not in_pool)
         if not in_pool:
             self._pool_keys.put(key, None)
         return "accepted"
 
+    def _check_prompt(self, prompt: chat.Prompt) -> str:
+        """The rejection reason for a prompt the trainer cannot encode, or ""."""
+        if isinstance(prompt, str):
+            return "" if prompt.strip() else "invalid"
+        if not self.conversations:
+            return "no_chat_template"
+        try:
+            chat.check_conversation(prompt)
+        except chat.EncodingError:
+            return "invalid"
+        return ""
+
     def _store(
-        self, value: Event, split: str, source: Source, history: bool, to_pool: bool
+        self,
+        value: Event,
+        prompt: chat.Prompt,
+        split: str,
+        source: Source,
+        history: bool,
+        to_pool: bool,
     ) -> None:
         new_train = split == "train" and not history
         if isinstance(value, events_pb2.DemonstrationEvent):
             demo = Demonstration(
-                value.event_id, value.prompt, value.response, value.user_id, split, source,
+                value.event_id, prompt, value.response, value.user_id, split, source,
                 event=value if new_train else None,
             )  # fmt: skip
             # Recent train demonstrations stay available to fit the RM's bias.
@@ -251,7 +279,7 @@ class TrainingData:
         elif isinstance(value, events_pb2.ComparisonEvent):
             cmp = Comparison(
                 value.event_id,
-                value.prompt,
+                prompt,
                 tuple(r.text for r in value.responses),
                 tuple(int(r.rank) for r in value.responses),
                 value.user_id,
@@ -267,12 +295,12 @@ class TrainingData:
         if not to_pool:
             return
         # Every prompt, whatever carried it, is a prompt PPO can roll out on.
-        prompt = Prompt(value.event_id, value.prompt, value.user_id, split, source)
-        self.prompts[split].append(prompt)
+        record = Prompt(value.event_id, prompt, value.user_id, split, source)
+        self.prompts[split].append(record)
         if new_train:
             self.new_prompts += 1
             if isinstance(value, events_pb2.ServedGeneration):
-                self.pending_prompts.append(prompt)
+                self.pending_prompts.append(record)
 
     # ------------------------------------------------------------------ rounds
 

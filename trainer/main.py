@@ -123,9 +123,10 @@ def run(
         heartbeat_interval_ms=int(cfg.data.session_timeout_s * 1000 / 3),
     )
     log.info("resuming from %s", _describe(resume) or "the beginning of the topics")
-    reader = StreamReader(
-        consumer, TrainingData(cfg.data), stream_topics, resume, cfg.data, metrics
-    )
+    spec = registry_lib.encoding_spec(cfg)
+    log.info("encoding examples with %s", spec)
+    data = TrainingData(cfg.data, conversations=spec.chat_template)
+    reader = StreamReader(consumer, data, stream_topics, resume, cfg.data, metrics)
     trainer = Trainer(
         cfg,
         reader=reader,
@@ -135,6 +136,7 @@ def run(
         corpus=PretrainCorpus(cfg.pretrain_corpus, cfg.ptx_holdout_fraction),
         device=device,
         stop=stop,
+        spec=spec,
     )
     try:
         announced = registry_lib.announced_event_ids(

@@ -31,8 +31,10 @@ from typing import Any
 import torch
 
 from rlhf import bus, checkpoint, lifecycle, models
+from rlhf.encoding import EncodingSpec
 from rlhf.topics import Topic
 from rlhf.v1 import events_pb2
+from trainer.config import TrainerConfig
 
 POLICY, REWARD = "policy", "reward"
 MASTER = torch.float32
@@ -85,6 +87,12 @@ def trained_rm(registry: Path) -> Path | None:
         if checkpoint.read_manifest(path).round_type == "rm":
             return path
     return None
+
+
+def encoding_spec(cfg: TrainerConfig) -> EncodingSpec:
+    """The trainer's one encoding: ``cfg.encoding`` resolved against the tokenizer of the
+    policy rounds continue from (``auto`` follows its chat template)."""
+    return cfg.encoding.resolve(models.load_tokenizer(policy_dir(cfg.registry, cfg.base_model)))
 
 
 def publish_dtype(setting: str, device: str) -> torch.dtype:

@@ -37,7 +37,8 @@ from pathlib import Path
 
 from kafka.errors import KafkaError
 
-from rlhf import bus, checkpoint, models
+from rlhf import bus, checkpoint
+from rlhf.encoding import EncodingSpec
 from trainer import registry as registry_lib
 from trainer import state as state_lib
 from trainer.config import TrainerConfig
@@ -80,6 +81,7 @@ class Trainer:
         corpus: PretrainCorpus,
         device: str,
         stop: threading.Event | None = None,
+        spec: EncodingSpec | None = None,
     ) -> None:
         self.cfg = cfg
         self.reader = reader
@@ -98,9 +100,7 @@ class Trainer:
         # Round type -> how much new data it had when it last failed a gate.
         self._held: dict[str, int] = {}
         # One encoding for every step and gate of this trainer, recorded in each manifest.
-        self.spec = cfg.encoding.resolve(
-            models.load_tokenizer(registry_lib.policy_dir(cfg.registry, cfg.base_model))
-        )
+        self.spec = spec or registry_lib.encoding_spec(cfg)
         self.publish_dtype = registry_lib.publish_dtype(cfg.publish_dtype, device)
         # Round type -> (errors in a row, monotonic time before which it does not run again).
         self._errors: dict[str, tuple[int, float]] = {}

@@ -183,7 +183,9 @@ Global___GeneratedSample: _TypeAlias = GeneratedSample  # noqa: Y015
 
 @_typing.final
 class ServedGeneration(_message.Message):
-    """Topic rlhf.prompts: every served generation request with its samples."""
+    """Topic rlhf.prompts: every served generation request with its samples. Exactly one of
+    `prompt` and `messages` is set, as in the request.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -196,6 +198,8 @@ class ServedGeneration(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     SPLIT_FIELD_NUMBER: _builtins.int
     SAMPLES_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    RENDERED_PROMPT_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     created_at_ms: _builtins.int
     request_id: _builtins.str
@@ -203,10 +207,18 @@ class ServedGeneration(_message.Message):
     model_version: _builtins.str
     user_id: _builtins.str
     split: Global___Split.ValueType
+    rendered_prompt: _builtins.str
+    """The text the model continued: the prompt or conversation as the version's encoding
+    rendered it (chat template and its special tokens included), before truncation.
+    """
     @_builtins.property
     def parameters(self) -> _inference_pb2.GenerationParameters: ...
     @_builtins.property
     def samples(self) -> _containers.RepeatedCompositeFieldContainer[Global___GeneratedSample]: ...
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[_inference_pb2.ChatMessage]:
+        """The request's conversation, when it sent messages."""
+
     def __init__(
         self,
         *,
@@ -219,10 +231,12 @@ class ServedGeneration(_message.Message):
         user_id: _builtins.str = ...,
         split: Global___Split.ValueType = ...,
         samples: _abc.Iterable[Global___GeneratedSample] | None = ...,
+        messages: _abc.Iterable[_inference_pb2.ChatMessage] | None = ...,
+        rendered_prompt: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_ms", b"created_at_ms", "event_id", b"event_id", "model_version", b"model_version", "parameters", b"parameters", "prompt", b"prompt", "request_id", b"request_id", "samples", b"samples", "split", b"split", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_ms", b"created_at_ms", "event_id", b"event_id", "messages", b"messages", "model_version", b"model_version", "parameters", b"parameters", "prompt", b"prompt", "rendered_prompt", b"rendered_prompt", "request_id", b"request_id", "samples", b"samples", "split", b"split", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -280,7 +294,9 @@ Global___RankedResponse: _TypeAlias = RankedResponse  # noqa: Y015
 
 @_typing.final
 class ComparisonEvent(_message.Message):
-    """Topic rlhf.comparisons: one K-way ranking of one prompt."""
+    """Topic rlhf.comparisons: one K-way ranking of one prompt (or one conversation: then
+    `messages` is set and `prompt` is empty).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -293,6 +309,7 @@ class ComparisonEvent(_message.Message):
     SPLIT_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     REDACTIONS_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     created_at_ms: _builtins.int
     prompt: _builtins.str
@@ -304,6 +321,10 @@ class ComparisonEvent(_message.Message):
     """How many PII spans were redacted from the prompt and responses."""
     @_builtins.property
     def responses(self) -> _containers.RepeatedCompositeFieldContainer[Global___RankedResponse]: ...
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[_inference_pb2.ChatMessage]:
+        """The conversation the responses continue, instead of `prompt`."""
+
     def __init__(
         self,
         *,
@@ -316,10 +337,11 @@ class ComparisonEvent(_message.Message):
         split: Global___Split.ValueType = ...,
         idempotency_key: _builtins.str = ...,
         redactions: _builtins.int = ...,
+        messages: _abc.Iterable[_inference_pb2.ChatMessage] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_ms", b"created_at_ms", "event_id", b"event_id", "idempotency_key", b"idempotency_key", "labeler_id", b"labeler_id", "prompt", b"prompt", "redactions", b"redactions", "responses", b"responses", "split", b"split", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_ms", b"created_at_ms", "event_id", b"event_id", "idempotency_key", b"idempotency_key", "labeler_id", b"labeler_id", "messages", b"messages", "prompt", b"prompt", "redactions", b"redactions", "responses", b"responses", "split", b"split", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -327,7 +349,7 @@ Global___ComparisonEvent: _TypeAlias = ComparisonEvent  # noqa: Y015
 
 @_typing.final
 class DemonstrationEvent(_message.Message):
-    """Topic rlhf.demonstrations: one (prompt, ideal response) pair."""
+    """Topic rlhf.demonstrations: one (prompt or conversation, ideal response) pair."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -340,6 +362,7 @@ class DemonstrationEvent(_message.Message):
     SPLIT_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     REDACTIONS_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     created_at_ms: _builtins.int
     prompt: _builtins.str
@@ -349,6 +372,10 @@ class DemonstrationEvent(_message.Message):
     split: Global___Split.ValueType
     idempotency_key: _builtins.str
     redactions: _builtins.int
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[_inference_pb2.ChatMessage]:
+        """The conversation the response continues, instead of `prompt`."""
+
     def __init__(
         self,
         *,
@@ -361,10 +388,11 @@ class DemonstrationEvent(_message.Message):
         split: Global___Split.ValueType = ...,
         idempotency_key: _builtins.str = ...,
         redactions: _builtins.int = ...,
+        messages: _abc.Iterable[_inference_pb2.ChatMessage] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_ms", b"created_at_ms", "event_id", b"event_id", "idempotency_key", b"idempotency_key", "labeler_id", b"labeler_id", "prompt", b"prompt", "redactions", b"redactions", "response", b"response", "split", b"split", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_ms", b"created_at_ms", "event_id", b"event_id", "idempotency_key", b"idempotency_key", "labeler_id", b"labeler_id", "messages", b"messages", "prompt", b"prompt", "redactions", b"redactions", "response", b"response", "split", b"split", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -23,29 +23,30 @@ _sym_db = _symbol_database.Default()
 
 
 from rlhf.v1 import events_pb2 as rlhf_dot_v1_dot_events__pb2
+from rlhf.v1 import inference_pb2 as rlhf_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rlhf/v1/feedback.proto\x12\x07rlhf.v1\x1a\x14rlhf/v1/events.proto\"w\n\x0bResponseRef\x12\x17\n\rgeneration_id\x18\x01 \x01(\tH\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x0f\n\x07quality\x18\x03 \x01(\r\x12$\n\x05\x66lags\x18\x04 \x03(\x0e\x32\x15.rlhf.v1.ResponseFlagB\x08\n\x06source\"\x99\x01\n\x11\x43omparisonRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\'\n\tresponses\x18\x02 \x03(\x0b\x32\x14.rlhf.v1.ResponseRef\x12\r\n\x05ranks\x18\x03 \x03(\r\x12\x12\n\nlabeler_id\x18\x04 \x01(\t\x12\x0f\n\x07user_id\x18\x05 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\"v\n\x14\x44\x65monstrationRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x10\n\x08response\x18\x02 \x01(\t\x12\x12\n\nlabeler_id\x18\x03 \x01(\t\x12\x0f\n\x07user_id\x18\x04 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\"0\n\tSubmitAck\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"\x80\x01\n\x0c\x46\x65\x65\x64\x62\x61\x63kItem\x12\x30\n\ncomparison\x18\x01 \x01(\x0b\x32\x1a.rlhf.v1.ComparisonRequestH\x00\x12\x36\n\rdemonstration\x18\x02 \x01(\x0b\x32\x1d.rlhf.v1.DemonstrationRequestH\x00\x42\x06\n\x04item\"X\n\x07ItemAck\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x1f\n\x03\x61\x63k\x18\x04 \x01(\x0b\x32\x12.rlhf.v1.SubmitAck\"S\n\x0c\x42ulkResponse\x12\x1f\n\x05items\x18\x01 \x03(\x0b\x32\x10.rlhf.v1.ItemAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\x10\n\x08rejected\x18\x03 \x01(\r2\xdd\x01\n\x0f\x46\x65\x65\x64\x62\x61\x63kService\x12\x42\n\x10SubmitComparison\x12\x1a.rlhf.v1.ComparisonRequest\x1a\x12.rlhf.v1.SubmitAck\x12H\n\x13SubmitDemonstration\x12\x1d.rlhf.v1.DemonstrationRequest\x1a\x12.rlhf.v1.SubmitAck\x12<\n\nSubmitBulk\x12\x15.rlhf.v1.FeedbackItem\x1a\x15.rlhf.v1.BulkResponse(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rlhf/v1/feedback.proto\x12\x07rlhf.v1\x1a\x14rlhf/v1/events.proto\x1a\x17rlhf/v1/inference.proto\"w\n\x0bResponseRef\x12\x17\n\rgeneration_id\x18\x01 \x01(\tH\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x0f\n\x07quality\x18\x03 \x01(\r\x12$\n\x05\x66lags\x18\x04 \x03(\x0e\x32\x15.rlhf.v1.ResponseFlagB\x08\n\x06source\"\xc1\x01\n\x11\x43omparisonRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\'\n\tresponses\x18\x02 \x03(\x0b\x32\x14.rlhf.v1.ResponseRef\x12\r\n\x05ranks\x18\x03 \x03(\r\x12\x12\n\nlabeler_id\x18\x04 \x01(\t\x12\x0f\n\x07user_id\x18\x05 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\x12&\n\x08messages\x18\x07 \x03(\x0b\x32\x14.rlhf.v1.ChatMessage\"\x9e\x01\n\x14\x44\x65monstrationRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x10\n\x08response\x18\x02 \x01(\t\x12\x12\n\nlabeler_id\x18\x03 \x01(\t\x12\x0f\n\x07user_id\x18\x04 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12&\n\x08messages\x18\x06 \x03(\x0b\x32\x14.rlhf.v1.ChatMessage\"0\n\tSubmitAck\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"\x80\x01\n\x0c\x46\x65\x65\x64\x62\x61\x63kItem\x12\x30\n\ncomparison\x18\x01 \x01(\x0b\x32\x1a.rlhf.v1.ComparisonRequestH\x00\x12\x36\n\rdemonstration\x18\x02 \x01(\x0b\x32\x1d.rlhf.v1.DemonstrationRequestH\x00\x42\x06\n\x04item\"X\n\x07ItemAck\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x1f\n\x03\x61\x63k\x18\x04 \x01(\x0b\x32\x12.rlhf.v1.SubmitAck\"S\n\x0c\x42ulkResponse\x12\x1f\n\x05items\x18\x01 \x03(\x0b\x32\x10.rlhf.v1.ItemAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\x10\n\x08rejected\x18\x03 \x01(\r2\xdd\x01\n\x0f\x46\x65\x65\x64\x62\x61\x63kService\x12\x42\n\x10SubmitComparison\x12\x1a.rlhf.v1.ComparisonRequest\x1a\x12.rlhf.v1.SubmitAck\x12H\n\x13SubmitDemonstration\x12\x1d.rlhf.v1.DemonstrationRequest\x1a\x12.rlhf.v1.SubmitAck\x12<\n\nSubmitBulk\x12\x15.rlhf.v1.FeedbackItem\x1a\x15.rlhf.v1.BulkResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rlhf.v1.feedback_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RESPONSEREF']._serialized_start=57
-  _globals['_RESPONSEREF']._serialized_end=176
-  _globals['_COMPARISONREQUEST']._serialized_start=179
-  _globals['_COMPARISONREQUEST']._serialized_end=332
-  _globals['_DEMONSTRATIONREQUEST']._serialized_start=334
-  _globals['_DEMONSTRATIONREQUEST']._serialized_end=452
-  _globals['_SUBMITACK']._serialized_start=454
-  _globals['_SUBMITACK']._serialized_end=502
-  _globals['_FEEDBACKITEM']._serialized_start=505
-  _globals['_FEEDBACKITEM']._serialized_end=633
-  _globals['_ITEMACK']._serialized_start=635
-  _globals['_ITEMACK']._serialized_end=723
-  _globals['_BULKRESPONSE']._serialized_start=725
-  _globals['_BULKRESPONSE']._serialized_end=808
-  _globals['_FEEDBACKSERVICE']._serialized_start=811
-  _globals['_FEEDBACKSERVICE']._serialized_end=1032
+  _globals['_RESPONSEREF']._serialized_start=82
+  _globals['_RESPONSEREF']._serialized_end=201
+  _globals['_COMPARISONREQUEST']._serialized_start=204
+  _globals['_COMPARISONREQUEST']._serialized_end=397
+  _globals['_DEMONSTRATIONREQUEST']._serialized_start=400
+  _globals['_DEMONSTRATIONREQUEST']._serialized_end=558
+  _globals['_SUBMITACK']._serialized_start=560
+  _globals['_SUBMITACK']._serialized_end=608
+  _globals['_FEEDBACKITEM']._serialized_start=611
+  _globals['_FEEDBACKITEM']._serialized_end=739
+  _globals['_ITEMACK']._serialized_start=741
+  _globals['_ITEMACK']._serialized_end=829
+  _globals['_BULKRESPONSE']._serialized_start=831
+  _globals['_BULKRESPONSE']._serialized_end=914
+  _globals['_FEEDBACKSERVICE']._serialized_start=917
+  _globals['_FEEDBACKSERVICE']._serialized_end=1138
 # @@protoc_insertion_point(module_scope)

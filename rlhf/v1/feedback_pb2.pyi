@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from rlhf.v1 import events_pb2 as _events_pb2
+from rlhf.v1 import inference_pb2 as _inference_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -67,7 +68,9 @@ class ComparisonRequest(_message.Message):
     LABELER_ID_FIELD_NUMBER: _builtins.int
     USER_ID_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
+    """The prompt, or (instead) `messages`: exactly one of them is set."""
     labeler_id: _builtins.str
     user_id: _builtins.str
     idempotency_key: _builtins.str
@@ -82,6 +85,12 @@ class ComparisonRequest(_message.Message):
         formed between tied responses). Ranks must be dense: 1..m with every value used.
         """
 
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[_inference_pb2.ChatMessage]:
+        """The conversation the responses continue (roles system, user, assistant), instead of
+        `prompt`. Responses given by generation id must have been served for this conversation.
+        """
+
     def __init__(
         self,
         *,
@@ -91,10 +100,11 @@ class ComparisonRequest(_message.Message):
         labeler_id: _builtins.str = ...,
         user_id: _builtins.str = ...,
         idempotency_key: _builtins.str = ...,
+        messages: _abc.Iterable[_inference_pb2.ChatMessage] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "labeler_id", b"labeler_id", "prompt", b"prompt", "ranks", b"ranks", "responses", b"responses", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "labeler_id", b"labeler_id", "messages", b"messages", "prompt", b"prompt", "ranks", b"ranks", "responses", b"responses", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -109,12 +119,18 @@ class DemonstrationRequest(_message.Message):
     LABELER_ID_FIELD_NUMBER: _builtins.int
     USER_ID_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
+    """The prompt, or (instead) `messages`: exactly one of them is set."""
     response: _builtins.str
     """The ideal response, written by a labeler."""
     labeler_id: _builtins.str
     user_id: _builtins.str
     idempotency_key: _builtins.str
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[_inference_pb2.ChatMessage]:
+        """The conversation the response continues, instead of `prompt`."""
+
     def __init__(
         self,
         *,
@@ -123,10 +139,11 @@ class DemonstrationRequest(_message.Message):
         labeler_id: _builtins.str = ...,
         user_id: _builtins.str = ...,
         idempotency_key: _builtins.str = ...,
+        messages: _abc.Iterable[_inference_pb2.ChatMessage] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "labeler_id", b"labeler_id", "prompt", b"prompt", "response", b"response", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "labeler_id", b"labeler_id", "messages", b"messages", "prompt", b"prompt", "response", b"response", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

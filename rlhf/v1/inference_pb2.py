@@ -24,27 +24,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17rlhf/v1/inference.proto\x12\x07rlhf.v1\"\xa1\x02\n\x14GenerationParameters\x12\x11\n\tdo_sample\x18\x01 \x01(\x08\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x02\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x05 \x01(\rH\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x05\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x11\n\x0f_max_new_tokensB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"\xb4\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x31\n\nparameters\x18\x02 \x01(\x0b\x32\x1d.rlhf.v1.GenerationParameters\x12\t\n\x01n\x18\x03 \x01(\r\x12\x17\n\x0freturn_logprobs\x18\x04 \x01(\x08\x12\x0f\n\x07user_id\x18\x05 \x01(\t\x12\x15\n\rmodel_version\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\"C\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x42\n\n\x08_logprob\"\xa4\x01\n\x06Sample\x12\x15\n\rgeneration_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12,\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x15.rlhf.v1.FinishReason\x12\x18\n\x10generated_tokens\x18\x05 \x01(\r\x12\x1e\n\x06tokens\x18\x06 \x03(\x0b\x32\x0e.rlhf.v1.Token\"v\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12 \n\x07samples\x18\x04 \x03(\x0b\x32\x0f.rlhf.v1.Sample\"\x94\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\r\x12\x1d\n\x05token\x18\x04 \x01(\x0b\x32\x0e.rlhf.v1.Token\x12!\n\x08\x66inished\x18\x05 \x01(\x0b\x32\x0f.rlhf.v1.Sample*\x85\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x1b\n\x17\x46INISH_REASON_EOS_TOKEN\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x32\xa2\x01\n\x10InferenceService\x12?\n\x08Generate\x12\x18.rlhf.v1.GenerateRequest\x1a\x19.rlhf.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x18.rlhf.v1.GenerateRequest\x1a\x1f.rlhf.v1.GenerateStreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17rlhf/v1/inference.proto\x12\x07rlhf.v1\"\xa1\x02\n\x14GenerationParameters\x12\x11\n\tdo_sample\x18\x01 \x01(\x08\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x02\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x05 \x01(\rH\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x05\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x11\n\x0f_max_new_tokensB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xdc\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x31\n\nparameters\x18\x02 \x01(\x0b\x32\x1d.rlhf.v1.GenerationParameters\x12\t\n\x01n\x18\x03 \x01(\r\x12\x17\n\x0freturn_logprobs\x18\x04 \x01(\x08\x12\x0f\n\x07user_id\x18\x05 \x01(\t\x12\x15\n\rmodel_version\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12&\n\x08messages\x18\x08 \x03(\x0b\x32\x14.rlhf.v1.ChatMessage\"C\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x42\n\n\x08_logprob\"\xa4\x01\n\x06Sample\x12\x15\n\rgeneration_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12,\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x15.rlhf.v1.FinishReason\x12\x18\n\x10generated_tokens\x18\x05 \x01(\r\x12\x1e\n\x06tokens\x18\x06 \x03(\x0b\x32\x0e.rlhf.v1.Token\"v\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12 \n\x07samples\x18\x04 \x03(\x0b\x32\x0f.rlhf.v1.Sample\"\x94\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\r\x12\x1d\n\x05token\x18\x04 \x01(\x0b\x32\x0e.rlhf.v1.Token\x12!\n\x08\x66inished\x18\x05 \x01(\x0b\x32\x0f.rlhf.v1.Sample*\x85\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x1b\n\x17\x46INISH_REASON_EOS_TOKEN\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x32\xa2\x01\n\x10InferenceService\x12?\n\x08Generate\x12\x18.rlhf.v1.GenerateRequest\x1a\x19.rlhf.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x18.rlhf.v1.GenerateRequest\x1a\x1f.rlhf.v1.GenerateStreamResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rlhf.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1019
-  _globals['_FINISHREASON']._serialized_end=1152
+  _globals['_FINISHREASON']._serialized_start=1105
+  _globals['_FINISHREASON']._serialized_end=1238
   _globals['_GENERATIONPARAMETERS']._serialized_start=37
   _globals['_GENERATIONPARAMETERS']._serialized_end=326
-  _globals['_GENERATEREQUEST']._serialized_start=329
-  _globals['_GENERATEREQUEST']._serialized_end=509
-  _globals['_TOKEN']._serialized_start=511
-  _globals['_TOKEN']._serialized_end=578
-  _globals['_SAMPLE']._serialized_start=581
-  _globals['_SAMPLE']._serialized_end=745
-  _globals['_GENERATERESPONSE']._serialized_start=747
-  _globals['_GENERATERESPONSE']._serialized_end=865
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=868
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1016
-  _globals['_INFERENCESERVICE']._serialized_start=1155
-  _globals['_INFERENCESERVICE']._serialized_end=1317
+  _globals['_CHATMESSAGE']._serialized_start=328
+  _globals['_CHATMESSAGE']._serialized_end=372
+  _globals['_GENERATEREQUEST']._serialized_start=375
+  _globals['_GENERATEREQUEST']._serialized_end=595
+  _globals['_TOKEN']._serialized_start=597
+  _globals['_TOKEN']._serialized_end=664
+  _globals['_SAMPLE']._serialized_start=667
+  _globals['_SAMPLE']._serialized_end=831
+  _globals['_GENERATERESPONSE']._serialized_start=833
+  _globals['_GENERATERESPONSE']._serialized_end=951
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=954
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1102
+  _globals['_INFERENCESERVICE']._serialized_start=1241
+  _globals['_INFERENCESERVICE']._serialized_end=1403
 # @@protoc_insertion_point(module_scope)

@@ -124,6 +124,32 @@ class GenerationParameters(_message.Message):
 Global___GenerationParameters: _TypeAlias = GenerationParameters  # noqa: Y015
 
 @_typing.final
+class ChatMessage(_message.Message):
+    """One turn of a conversation (OpenAI's chat message, text content)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLE_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    role: _builtins.str
+    """"system", "user" or "assistant"."""
+    content: _builtins.str
+    """The turn's text; must not be empty."""
+    def __init__(
+        self,
+        *,
+        role: _builtins.str = ...,
+        content: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChatMessage: _TypeAlias = ChatMessage  # noqa: Y015
+
+@_typing.final
 class GenerateRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -134,8 +160,11 @@ class GenerateRequest(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
-    """The prompt text (TGI: `inputs`). Must be non-empty."""
+    """The prompt text (TGI: `inputs`). Set exactly one of `prompt` and `messages`. A version
+    whose encoding uses a chat template renders a prompt as one user turn.
+    """
     n: _builtins.int
     """Number of samples for this prompt, 1..9 (0 means 1). One call yields the K responses
     a labeler ranks; all n are generated in one batched pass.
@@ -150,6 +179,13 @@ class GenerateRequest(_message.Message):
     """Optional client-chosen request id, echoed back; the server assigns one when empty."""
     @_builtins.property
     def parameters(self) -> Global___GenerationParameters: ...
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
+        """A conversation to continue (OpenAI: `messages`), instead of `prompt`: rendered with the
+        serving version's chat template, then the assistant's reply is generated.
+        INVALID_ARGUMENT for a version without a chat template, an unknown role or empty content.
+        """
+
     def __init__(
         self,
         *,
@@ -160,10 +196,11 @@ class GenerateRequest(_message.Message):
         user_id: _builtins.str = ...,
         model_version: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        messages: _abc.Iterable[Global___ChatMessage] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_version", b"model_version", "n", b"n", "parameters", b"parameters", "prompt", b"prompt", "request_id", b"request_id", "return_logprobs", b"return_logprobs", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "model_version", b"model_version", "n", b"n", "parameters", b"parameters", "prompt", b"prompt", "request_id", b"request_id", "return_logprobs", b"return_logprobs", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -22,19 +22,20 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from rlhf.v1 import inference_pb2 as rlhf_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rlhf/v1/reward.proto\x12\x07rlhf.v1\"H\n\x0cScoreRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x11\n\tresponses\x18\x02 \x03(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"7\n\rScoreResponse\x12\x0f\n\x07rewards\x18\x01 \x03(\x02\x12\x15\n\rmodel_version\x18\x02 \x01(\t2G\n\rRewardService\x12\x36\n\x05Score\x12\x15.rlhf.v1.ScoreRequest\x1a\x16.rlhf.v1.ScoreResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rlhf/v1/reward.proto\x12\x07rlhf.v1\x1a\x17rlhf/v1/inference.proto\"p\n\x0cScoreRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x11\n\tresponses\x18\x02 \x03(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12&\n\x08messages\x18\x04 \x03(\x0b\x32\x14.rlhf.v1.ChatMessage\"7\n\rScoreResponse\x12\x0f\n\x07rewards\x18\x01 \x03(\x02\x12\x15\n\rmodel_version\x18\x02 \x01(\t2G\n\rRewardService\x12\x36\n\x05Score\x12\x15.rlhf.v1.ScoreRequest\x1a\x16.rlhf.v1.ScoreResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rlhf.v1.reward_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SCOREREQUEST']._serialized_start=33
-  _globals['_SCOREREQUEST']._serialized_end=105
-  _globals['_SCORERESPONSE']._serialized_start=107
-  _globals['_SCORERESPONSE']._serialized_end=162
-  _globals['_REWARDSERVICE']._serialized_start=164
-  _globals['_REWARDSERVICE']._serialized_end=235
+  _globals['_SCOREREQUEST']._serialized_start=58
+  _globals['_SCOREREQUEST']._serialized_end=170
+  _globals['_SCORERESPONSE']._serialized_start=172
+  _globals['_SCORERESPONSE']._serialized_end=227
+  _globals['_REWARDSERVICE']._serialized_start=229
+  _globals['_REWARDSERVICE']._serialized_end=300
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from rlhf.v1 import inference_pb2 as _inference_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -25,12 +26,20 @@ class ScoreRequest(_message.Message):
     PROMPT_FIELD_NUMBER: _builtins.int
     RESPONSES_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
+    """The prompt, or (instead) `messages`: exactly one of them is set. Both are encoded as the
+    reward model's training encoded them (its manifest's encoding: chat template, truncation).
+    """
     model_version: _builtins.str
     """Score with exactly this reward-model version (NOT_FOUND if unknown). Empty: the promoted one."""
     @_builtins.property
     def responses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """1..N responses to score against the prompt."""
+
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[_inference_pb2.ChatMessage]:
+        """The conversation the responses continue, instead of `prompt`."""
 
     def __init__(
         self,
@@ -38,10 +47,11 @@ class ScoreRequest(_message.Message):
         prompt: _builtins.str = ...,
         responses: _abc.Iterable[_builtins.str] | None = ...,
         model_version: _builtins.str = ...,
+        messages: _abc.Iterable[_inference_pb2.ChatMessage] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_version", b"model_version", "prompt", b"prompt", "responses", b"responses"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "model_version", b"model_version", "prompt", b"prompt", "responses", b"responses"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -17,8 +17,10 @@ Exactly once, end to end:
   therefore keep the first record of each ``event_id`` and drop later ones; with that rule
   every accepted submission is used exactly once.
 
-Records are keyed by a hash of the (redacted) prompt, so all events of one prompt land in
-one partition, in order.
+Records are keyed by a hash of the (redacted) prompt or conversation, so all events of one
+prompt land in one partition, in order. A conversation (``messages``) takes the place of the
+prompt everywhere: validated by the rules its encoding uses, redacted turn by turn, and
+matched against the conversation a generation id was served for.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -39,9 +41,10 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client import Counter as MetricCounter
 
 from rlhf import bus, topics
+from rlhf.chat import prompt_of, prompt_text
 from rlhf.pii import RedactionMetrics, Redactor
 from rlhf.split import split_for_user
-from rlhf.v1 import events_pb2, feedback_pb2
+from rlhf.v1 import events_pb2, feedback_pb2, inference_pb2
 from services.feedback.config import GatewayConfig
 from services.feedback.dedupe import SeenEvents
 from services.feedback.generations import GenerationIndex
@@ -67,6 +70,14 @@ _EVENT_NAMESPACE = uuid.UUID("6f1d3c52-8c1e-4f4e-9a57-2f0e7b1c9d11")
 def event_id_for(kind: str, idempotency_key: str) -> str:
     """The deterministic event id of a submission: the same key always maps to the same id."""
     return uuid.uuid5(_EVENT_NAMESPACE, f"{kind}:{idempotency_key}").hex
+
+
+def _turns(messages: Sequence[inference_pb2.ChatMessage]) -> tuple[tuple[str, str], ...]:
+    return tuple((m.role, m.content) for m in messages)
+
+
+def _key_text(prompt: str, messages: Sequence[inference_pb2.ChatMessage]) -> str:
+    return prompt_text(prompt_of(prompt, messages))
 
 
 def record_key(prompt: str) -> str:
@@ -174,6 +185,14 @@ class FeedbackGateway:
         counts.update(found)
         return redacted, bool(found)
 
+    def _redact_messages(
+        self, messages: Sequence[inference_pb2.ChatMessage], counts: Counter[str]
+    ) -> list[inference_pb2.ChatMessage]:
+        return [
+            inference_pb2.ChatMessage(role=m.role, content=self._redact(m.content, counts)[0])
+            for m in messages
+        ]
+
     def _split(self, user_id: str) -> events_pb2.Split.ValueType:
         policy = self._config.policy
         return split_for_user(user_id, policy.validation_fraction, policy.test_fraction)
@@ -190,16 +209,19 @@ class FeedbackGateway:
             await self._generations.resolve(by_id, self._config.resolver.wait_s) if by_id else {}
         )
         prompt, _ = self._redact(request.prompt, counts)
+        messages = self._redact_messages(request.messages, counts)
+        # The policy server may publish the prompt as received or already redacted.
+        asked = {(request.prompt, _turns(request.messages)), (prompt, _turns(messages))}
         texts = []
         for i, ref in enumerate(request.responses):
             if i in served:
-                # The policy server may publish the prompt as received or already redacted.
-                if served[i].prompt not in (request.prompt, prompt):
+                if (served[i].prompt, served[i].messages) not in asked:
+                    what = "conversation" if request.messages else "prompt"
                     raise Rejection(
                         grpc.StatusCode.INVALID_ARGUMENT,
                         "prompt_mismatch",
-                        f"responses[{i}].generation_id: {ref.generation_id!r} was served for a "
-                        "different prompt; rank only responses to this prompt",
+                        f"responses[{i}].generation_id: {ref.generation_id[:64]!r} was served "
+                        f"for a different {what}; rank only responses to this {what}",
                     )
                 check_text(
                     f"responses[{i}] (served text)",
@@ -229,6 +251,7 @@ class FeedbackGateway:
             event_id=event_id,
             created_at_ms=int(self._clock() * 1000),
             prompt=prompt,
+            messages=messages,
             responses=responses,
             labeler_id=request.labeler_id,
             user_id=request.user_id,
@@ -236,17 +259,19 @@ class FeedbackGateway:
             idempotency_key=request.idempotency_key,
             redactions=sum(counts.values()),
         )
-        return topics.COMPARISONS, event, record_key(prompt)
+        return topics.COMPARISONS, event, record_key(_key_text(prompt, messages))
 
     async def _demonstration_event(
         self, request: feedback_pb2.DemonstrationRequest, event_id: str, counts: Counter[str]
     ) -> tuple[topics.Topic, Message, str]:
         prompt, _ = self._redact(request.prompt, counts)
+        messages = self._redact_messages(request.messages, counts)
         response, _ = self._redact(request.response, counts)
         event = events_pb2.DemonstrationEvent(
             event_id=event_id,
             created_at_ms=int(self._clock() * 1000),
             prompt=prompt,
+            messages=messages,
             response=response,
             labeler_id=request.labeler_id,
             user_id=request.user_id,
@@ -254,7 +279,7 @@ class FeedbackGateway:
             idempotency_key=request.idempotency_key,
             redactions=sum(counts.values()),
         )
-        return topics.DEMONSTRATIONS, event, record_key(prompt)
+        return topics.DEMONSTRATIONS, event, record_key(_key_text(prompt, messages))
 
     async def _submit(
         self,

@@ -29,6 +29,7 @@ from services.feedback.validate import Rejection
 class ServedSample:
     generation_id: str
     prompt: str
+    messages: tuple[tuple[str, str], ...]  # (role, content) of a chat request; () for a prompt
     text: str
     model_version: str
     token_ids: tuple[int, ...]
@@ -71,6 +72,7 @@ class GenerationIndex:
                 sample = ServedSample(
                     generation_id=s.generation_id,
                     prompt=generation.prompt,
+                    messages=tuple((m.role, m.content) for m in generation.messages),
                     text=s.text,
                     model_version=generation.model_version,
                     token_ids=tuple(s.token_ids),

@@ -12,8 +12,9 @@ from collections.abc import Sequence
 
 import grpc
 
+from rlhf.chat import ROLES
 from rlhf.runtime import CallError
-from rlhf.v1 import events_pb2, feedback_pb2
+from rlhf.v1 import events_pb2, feedback_pb2, inference_pb2
 from services.feedback.config import LimitsConfig
 
 MIN_RESPONSES = 2
@@ -127,9 +128,37 @@ def check_judgements(i: int, ref: feedback_pb2.ResponseRef) -> None:
         seen.add(flag)
 
 
+def check_prompt(
+    prompt: str, messages: Sequence[inference_pb2.ChatMessage], limits: LimitsConfig
+) -> None:
+    """A prompt or a conversation (``messages``), not both. A conversation follows the rules
+    the servers and the trainer encode it by (``rlhf.chat``): known roles, no empty turn;
+    its turns together are bounded like a prompt."""
+    if not messages:
+        check_text("prompt", prompt, limits.max_prompt_chars)
+        return
+    if prompt:
+        raise _invalid("prompt_and_messages", "prompt, messages: set one of them, not both")
+    total = 0
+    for i, message in enumerate(messages):
+        if message.role not in ROLES:
+            raise _invalid(
+                "bad_role",
+                f"messages[{i}].role: unknown role {message.role[:32]!r}; use one of "
+                f"{', '.join(ROLES)}",
+            )
+        check_text(f"messages[{i}].content", message.content, limits.max_prompt_chars)
+        total += len(message.content)
+        if total > limits.max_prompt_chars:
+            raise _invalid(
+                "too_long",
+                f"messages: over {limits.max_prompt_chars} characters in all, the prompt limit",
+            )
+
+
 def validate_comparison(request: feedback_pb2.ComparisonRequest, limits: LimitsConfig) -> None:
     """Checks everything that needs no lookup; generation ids are resolved afterwards."""
-    check_text("prompt", request.prompt, limits.max_prompt_chars)
+    check_prompt(request.prompt, request.messages, limits)
     k = len(request.responses)
     if not MIN_RESPONSES <= k <= limits.max_responses:
         raise _invalid(
@@ -166,7 +195,7 @@ def validate_comparison(request: feedback_pb2.ComparisonRequest, limits: LimitsC
 def validate_demonstration(
     request: feedback_pb2.DemonstrationRequest, limits: LimitsConfig
 ) -> None:
-    check_text("prompt", request.prompt, limits.max_prompt_chars)
+    check_prompt(request.prompt, request.messages, limits)
     check_text("response", request.response, limits.max_response_chars)
     _check_id("labeler_id", request.labeler_id, limits)
     _check_id("user_id", request.user_id, limits)

@@ -1,9 +1,11 @@
 """``rlhf serve policy``: the InferenceService gRPC server (auth scope ``infer``).
 
 The servicer validates a request, converts it to plain values, hands it to the batching
-engine (``engine.py``) and converts the engine's events back to protos. After a response is
-complete, the served generation goes to the publisher (``publisher.py``), which sends it to
-Kafka in the background. The request path (``start`` / ``complete`` / ``stream``) is
+engine (``engine.py``) and converts the engine's events back to protos. A ``prompt`` or a
+``messages`` conversation is rendered and tokenised with the serving version's encoding, the
+one it was trained with (``prompts.py``). After a response is complete, the served generation
+(with the conversation and the rendered prompt) goes to the publisher (``publisher.py``),
+which sends it to Kafka in the background. The request path (``start`` / ``complete`` / ``stream``) is
 transport-neutral: the HTTP doors (``http_openai.py``, ``http_tgi.py``) build the same
 ``GenerateRequest`` and run the same path with a deadline instead of a gRPC context.
 """
@@ -25,6 +27,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from rlhf import bus
+from rlhf.chat import EncodingError, Prompt, prompt_of, prompt_text
 from rlhf.config import parse_config
 from rlhf.http import HttpDoor, Style
 from rlhf.pii import Redactor
@@ -48,6 +51,7 @@ from services.policy.engine import (
     TokenEvent,
 )
 from services.policy.engines import make_engine
+from services.policy.prompts import Rendered, ServedPolicy, render, request_prompt
 from services.policy.publisher import GenerationPublisher
 from services.policy.sampling import SamplingParams
 from services.serving import ServingModels, version_of
@@ -148,6 +152,8 @@ class Call:
     generation_ids: list[str]
     # Holds the model version resident until the response is complete.
     lease: contextlib.ExitStack
+    # The prompt as the version's encoding rendered it (what the record keeps).
+    rendered: Rendered
 
     @property
     def policy(self) -> Policy:
@@ -158,7 +164,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(
         self,
         engine: GenerationEngine,
-        pool: ModelPool[Policy],
+        pool: ModelPool[ServedPolicy],
         limits: LimitsConfig,
         publisher: GenerationPublisher | None,
         split_fractions: tuple[float, float] = (0.05, 0.05),
@@ -174,7 +180,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return self._limits
 
     @property
-    def pool(self) -> ModelPool[Policy]:
+    def pool(self) -> ModelPool[ServedPolicy]:
         return self._pool
 
     async def start(
@@ -186,8 +192,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     ) -> Call:
         """Validates ``request`` and submits it to the engine; ``deadline`` is a
         ``time.monotonic()`` value or None. Raises BadRequest."""
-        if not request.prompt:
-            raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT, "prompt must not be empty")
+        try:
+            prompt = request_prompt(request)
+        except EncodingError as exc:
+            raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         n = request.n or 1
         if not 1 <= n <= self._limits.max_n:
             raise BadRequest(
@@ -201,15 +209,19 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         params = sampling_params(request, self._limits)
         lease = contextlib.ExitStack()
         try:
-            policy = self.acquire(request.model_version, request.user_id, lease)
-            return await self._submit(request, deadline, params, n, policy, lease, stream=stream)
+            served = self.acquire(request.model_version, request.user_id, lease)
+            return await self._submit(
+                request, deadline, prompt, params, n, served, lease, stream=stream
+            )
         except BaseException:
             lease.close()
             raise
 
-    def acquire(self, model_version: str, user_id: str, lease: contextlib.ExitStack) -> Policy:
+    def acquire(
+        self, model_version: str, user_id: str, lease: contextlib.ExitStack
+    ) -> ServedPolicy:
         """The version a request runs on (the one asked for, else pinned, canary or promoted),
-        held resident by ``lease``."""
+        held resident by ``lease``, with the encoding it is served with."""
         try:
             version = model_version or self._pool.choose(user_id)
         except NotServing as exc:
@@ -227,20 +239,23 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self,
         request: inference_pb2.GenerateRequest,
         deadline: float | None,
+        prompt: Prompt,
         params: SamplingParams,
         n: int,
-        policy: Policy,
+        served: ServedPolicy,
         lease: contextlib.ExitStack,
         *,
         stream: bool,
     ) -> Call:
-        prompt_ids = await self._tokenize(policy, request.prompt)
-        if len(prompt_ids) > self._limits.max_input_tokens:
+        rendered = await self._render(served, prompt)
+        if rendered.tokens > self._limits.max_input_tokens:
             raise BadRequest(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"prompt is {len(prompt_ids)} tokens, over the limit of {self._limits.max_input_tokens}",
+                f"prompt is {rendered.tokens} tokens, over the limit of {self._limits.max_input_tokens}",
             )
-        max_positions = policy.max_context
+        # Longer prompts are cut as the version's training cut them (its encoding).
+        prompt_ids = rendered.ids
+        max_positions = served.policy.max_context
         if max_positions and len(prompt_ids) + params.max_new_tokens > max_positions:
             raise BadRequest(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -249,7 +264,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             )
         try:
             gen = self._engine.submit(
-                policy,
+                served.policy,
                 prompt_ids,
                 params,
                 n,
@@ -264,16 +279,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         except ValueError as exc:  # over the engine's own limits (n, tokens per sequence)
             raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
         request_id = request.request_id or uuid.uuid4().hex
-        return Call(request_id, request, params, gen, [uuid.uuid4().hex for _ in range(n)], lease)
+        ids = [uuid.uuid4().hex for _ in range(n)]
+        return Call(request_id, request, params, gen, ids, lease, rendered)
 
     @staticmethod
-    async def _tokenize(policy: Policy, prompt: str) -> list[int]:
-        def encode() -> list[int]:
-            return list(policy.tokenizer(prompt, add_special_tokens=True)["input_ids"])
-
-        if len(prompt) <= INLINE_TOKENIZE_CHARS:
-            return encode()
-        return await asyncio.to_thread(encode)
+    async def _render(served: ServedPolicy, prompt: Prompt) -> Rendered:
+        chars = len(prompt) if isinstance(prompt, str) else sum(len(m.content) for m in prompt)
+        try:
+            if chars <= INLINE_TOKENIZE_CHARS:
+                return render(served, prompt)
+            return await asyncio.to_thread(render, served, prompt)
+        except EncodingError as exc:
+            raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
 
     def _sample(self, call: Call, done: SampleDone) -> inference_pb2.Sample:
         sample = inference_pb2.Sample(
@@ -298,10 +315,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             created_at_ms=int(time.time() * 1000),
             request_id=call.request_id,
             prompt=call.request.prompt,
+            messages=call.request.messages,
+            rendered_prompt=call.rendered.text,
             parameters=_effective_parameters(call.params),
             model_version=call.policy.version,
             user_id=call.request.user_id,
-            split=split_for(call.request.user_id, call.request.prompt, *self._split_fractions),
+            split=split_for(
+                call.request.user_id,
+                prompt_text(prompt_of(call.request.prompt, call.request.messages)),
+                *self._split_fractions,
+            ),
             samples=[
                 events_pb2.GeneratedSample(
                     generation_id=call.generation_ids[s.index],
@@ -409,15 +432,16 @@ class PolicyServer:
         self.engine: GenerationEngine = make_engine(config, registry)
         engine = self.engine
         fixed_name = config.model.version if config.model.path else ""
-        self.models: ServingModels[Policy] = ServingModels(
+        # Each version is served with the encoding recorded in its manifest.
+        self.models: ServingModels[ServedPolicy] = ServingModels(
             role=events_pb2.MODEL_ROLE_POLICY,
             path=config.model.path,
             version=config.model.version,
             registry_dir=config.model.registry,
             follow=config.follow,
-            load=lambda path: engine.load(path, version_of(path, fixed_name)),
-            warm_up=engine.warm_up,
-            release=engine.unload,
+            load=lambda path: ServedPolicy.load(engine, path, version_of(path, fixed_name)),
+            warm_up=lambda served: engine.warm_up(served.policy),
+            release=lambda served: engine.unload(served.policy),
             metrics=registry,
             report=lambda name, ok, detail: self.runtime.set_condition(INFERENCE, name, ok, detail),
         )

@@ -21,7 +21,7 @@ import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from transformers import PreTrainedTokenizerBase
 
-from rlhf.encoding import join_pairs
+from rlhf.encoding import EncodingSpec, join_pairs
 from rlhf.models import RewardModel
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ class LoadedRewardModel:
     model: RewardModel
     tokenizer: PreTrainedTokenizerBase
     version: str
+    encoding: EncodingSpec  # how its training encoded examples (its manifest's)
 
     @property
     def device(self) -> torch.device:

@@ -2,9 +2,11 @@
 
 ``Score`` (and ``POST /v1/score`` over HTTP/JSON, ``http.py``) returns the normalised reward r(x, y) + bias of each response (the bias makes
 labeler demonstrations average 0, PAPER.md) and the reward-model version that produced them.
-Prompts and responses are encoded exactly as in reward-model training
-(``rlhf.models.prompt_tokens`` / ``response_tokens``: BOS + prompt, response + EOS), and
-concurrent requests are scored in shared forward passes (``scorer.py``).
+A prompt or a ``messages`` conversation and the responses are encoded exactly as the reward
+model's training encoded them: ``rlhf.encoding`` under the spec recorded in the version's
+manifest (chat template, truncation of long prompts and responses, EOS). Request limits
+(``limits.*``) bound the work per request before that truncation. Concurrent requests are
+scored in shared forward passes (``scorer.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import grpc
 import torch
 from prometheus_client import CollectorRegistry
 
+from rlhf import encoding
+from rlhf.chat import EncodingError, Message, check_conversation, prompt_of
 from rlhf.config import parse_config
 from rlhf.http import HttpDoor, Style
 from rlhf.models import load_reward_model
@@ -45,10 +49,10 @@ def load(path: Path, config: ModelConfig) -> LoadedRewardModel:
     device, dtype = config.placement()
     model, tokenizer = load_reward_model(path, device, dtype)
     version = version_of(path, config.version if config.path else "")
-    log.info(
-        "loaded reward model %s from %s on %s (bias %.4f)", version, path, device, float(model.bias)
-    )
-    return LoadedRewardModel(model, tokenizer, version)
+    spec = encoding.spec_for_model(path, tokenizer)
+    log.info("loaded reward model %s from %s on %s (bias %.4f, encoding %s)",
+             version, path, device, float(model.bias), spec)  # fmt: skip
+    return LoadedRewardModel(model, tokenizer, version, spec)
 
 
 def warm_up(rm: LoadedRewardModel) -> None:
@@ -72,28 +76,41 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
     def _encode(
         self, rm: LoadedRewardModel, request: reward_pb2.ScoreRequest
     ) -> tuple[list[int], list[list[int]]]:
-        """Token ids as in training; ValueError names the field over its limit."""
-        tok = rm.tokenizer
-        prompt = list(tok(request.prompt, add_special_tokens=True)["input_ids"])
+        """Token ids as in training (the version's encoding); ValueError names the field over
+        its limit or what the encoding refused."""
+        tok, spec = rm.tokenizer, rm.encoding
+        try:
+            prompt = encoding.prompt_ids(
+                tok, spec, prompt_of(request.prompt, request.messages), truncate=False
+            )
+        except EncodingError as exc:
+            raise ValueError(f"model version {rm.version}: {exc}") from None
         if len(prompt) > self._limits.max_prompt_tokens:
             raise ValueError(
                 f"prompt is {len(prompt)} tokens, over the limit of {self._limits.max_prompt_tokens}"
             )
         responses = []
         for i, text in enumerate(request.responses):
-            ids = [*tok(text, add_special_tokens=False)["input_ids"], tok.eos_token_id]
+            ids = encoding.response_ids(tok, spec, text, truncate=False)
             if len(ids) > self._limits.max_response_tokens:
                 raise ValueError(
                     f"responses[{i}] is {len(ids)} tokens, over the limit of {self._limits.max_response_tokens}"
                 )
-            responses.append(ids)
-        return prompt, responses
+            responses.append(encoding.truncate_response(spec, ids))
+        return encoding.truncate_prompt(tok, spec, prompt), responses
 
     async def score(self, request: reward_pb2.ScoreRequest) -> reward_pb2.ScoreResponse:
         """Scores ``request`` (both doors run this); raises CallError with the status."""
         invalid = grpc.StatusCode.INVALID_ARGUMENT
-        if not request.prompt:
-            raise CallError(invalid, "prompt must not be empty")
+        if request.prompt and request.messages:
+            raise CallError(invalid, "set either prompt or messages, not both")
+        if request.messages:
+            try:
+                check_conversation([Message(m.role, m.content) for m in request.messages])
+            except EncodingError as exc:
+                raise CallError(invalid, str(exc)) from None
+        elif not request.prompt:
+            raise CallError(invalid, "prompt must not be empty (or send messages)")
         if not 1 <= len(request.responses) <= self._limits.max_responses:
             raise CallError(
                 invalid,
@@ -129,7 +146,8 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
     async def _score(
         self, rm: LoadedRewardModel, request: reward_pb2.ScoreRequest
     ) -> reward_pb2.ScoreResponse:
-        size = len(request.prompt) + sum(len(r) for r in request.responses)
+        size = len(request.prompt) + sum(len(m.content) for m in request.messages)
+        size += sum(len(r) for r in request.responses)
         try:
             if size <= INLINE_TOKENIZE_CHARS:
                 prompt_ids, response_ids = self._encode(rm, request)
