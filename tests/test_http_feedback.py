@@ -47,7 +47,9 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return init_models(InitConfig(out=str(tmp_path_factory.mktemp("http-feedback") / "tiny")))
+    # The chat family: the README's examples include chat.
+    out = tmp_path_factory.mktemp("http-feedback") / "bpe"
+    return init_models(InitConfig(out=str(out), tokenizer="bpe"))
 
 
 @pytest.fixture(scope="module")

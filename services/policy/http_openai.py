@@ -286,9 +286,41 @@ def _prompt(f: Fields) -> str:
 
 
 def _set_messages(request: inference_pb2.GenerateRequest, f: Fields) -> None:
-    raise HttpError(
-        grpc.StatusCode.UNIMPLEMENTED, "chat completions are not available on this server"
-    )
+    """OpenAI's messages as ``GenerateRequest.messages``: the servicer renders them with the
+    serving version's chat template and checks the roles and contents (400 naming the turn)."""
+    turns = f.data.get("messages")
+    if not isinstance(turns, list) or not turns:
+        raise invalid("messages: expected a non-empty array of {role, content} objects", "messages")
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise invalid(
+                f"Invalid type for 'messages[{i}]': expected an object.", f"messages[{i}]"
+            )
+        m = Fields(turn, f"messages[{i}].")
+        m.only(("role", "content", "name"))
+        m.unsupported("name")
+        role = m.string("role")
+        if role is None:
+            raise invalid(f"messages[{i}].role is required", m.name("role"))
+        # OpenAI's newer name for the system turn.
+        request.messages.add(role="system" if role == "developer" else role, content=_content(m))
+
+
+def _content(m: Fields) -> str:
+    """A turn's text: a string, or text content parts joined (other kinds are refused)."""
+    value = m.data.get("content")
+    if isinstance(value, list):
+        texts = []
+        for j, part in enumerate(value):
+            if not (isinstance(part, dict) and part.get("type") == "text"):
+                raise invalid(
+                    f"{m.name('content')}[{j}]: only text content parts are supported",
+                    m.name("content"),
+                )
+            text = Fields(part, f"{m.name('content')}[{j}].").string("text")
+            texts.append(text or "")
+        return "".join(texts)
+    return m.string("content") or ""
 
 
 def _text(sample: inference_pb2.Sample, shape: _Shape) -> str:
