@@ -18,7 +18,8 @@ from rlhf.pii import Redactor, redact_served
 from rlhf.v1 import events_pb2, inference_pb2, inference_pb2_grpc
 from tests.test_policy_server import INFER, _read_prompts, make_config, start
 from trainer.config import DataConfig
-from trainer.data import StreamReader, StreamTopics, TrainingData
+from trainer.data import TrainingData
+from trainer.reader import StreamReader, StreamTopics
 from trainer.metrics import TrainerMetrics
 
 RAW = "Mail jane.doe@example.com, call +1 415 555 0100, from 10.1.2.3."
