@@ -215,9 +215,7 @@ class Producer:
             self._config["client_id"], cause,
         )  # fmt: skip
         # Not on this thread: this may be the old producer's own I/O thread.
-        threading.Thread(
-            target=old.close, kwargs={"timeout": 0}, name="producer-close", daemon=True
-        ).start()
+        threading.Thread(target=_discard, args=(old,), name="producer-close", daemon=True).start()
 
     def send(self, topic: Topic, record: Message, *, key: str) -> FutureRecordMetadata:
         """Queues ``record``; the returned future resolves once Kafka acked it."""
@@ -261,6 +259,25 @@ class Producer:
             self._closed = True
             producer = self._producer
         producer.close(timeout=timeout_s)
+
+
+def _discard(producer: KafkaProducer) -> None:
+    """Closes ``producer`` at once, failing every record it still holds, so that whoever
+    waits on one hears of it now (and may retry through the new producer) instead of after
+    the delivery timeout. ``KafkaProducer.close(timeout=0)`` flushes first and raises while
+    records are pending, never reaching its own force close; its sender is force-closed
+    directly then."""
+    try:
+        producer.close(timeout=0)
+        return
+    except KafkaError:
+        pass
+    sender = getattr(producer, "_sender", None)
+    if sender is not None:
+        sender.force_close()  # aborts the incomplete batches, failing their futures
+        sender.join(10)
+    with contextlib.suppress(KafkaError):
+        producer.close(timeout=0)
 
 
 class BrokerProbe:

@@ -22,9 +22,11 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
 from rlhf import bus, checkpoint, topics
+from rlhf.supervise import Loop, Supervised
 from rlhf.v1 import events_pb2
 
 log = logging.getLogger(__name__)
@@ -231,10 +233,16 @@ def published_events(
 class ModelFollower:
     """Keeps one ``ModelState`` per role current from the models topic and the registry.
 
-    ``on_change(state)`` runs (in the follower thread) after every change. With
-    ``auto_promote_from_registry``, a version found on disk but never announced on Kafka
-    (the trainer published while Kafka was down) is treated as published, and the newest as
-    promoted, once ``registry_grace_s`` has passed: a missed event still converges.
+    ``on_change(state)`` runs (in the follower thread) after every change. With Kafka, the
+    follower first replays the models topic to its end, retrying with backoff for as long as
+    Kafka is unreachable; nobody hears of any state before that (``caught_up``), and the
+    registry is not consulted either: without the topic a rolled-back or rejected version
+    could come back. With ``auto_promote_from_registry``, a version found on disk but never
+    announced (the trainer published while Kafka was down) is treated as published, and the
+    newest as promoted, once ``registry_grace_s`` has passed: a missed event still converges.
+
+    ``report(condition, ok, detail)`` tells the server's health about ``models_topic`` (read
+    to its end once) and ``model_follower`` (the supervised follower thread runs).
     """
 
     def __init__(
@@ -248,70 +256,120 @@ class ModelFollower:
         poll_registry_s: float = 5.0,
         registry_grace_s: float = 30.0,
         auto_promote_from_registry: bool = True,
+        report: Callable[[str, bool, str], None] = lambda _name, _ok, _detail: None,
+        component: str = "",
     ) -> None:
         self.states = {role: ModelState(role) for role in roles}
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._on_change = on_change
+        self._bootstrap_servers = bootstrap_servers
+        self._metrics_registry = registry
         self._registry_dir = registry_dir
         self._poll_registry_s = poll_registry_s
         self._registry_grace_s = registry_grace_s
         self._auto_promote = auto_promote_from_registry
-        self._stop = threading.Event()
+        self._report = report
         self._applied: set[str] = set()
         # While replaying history nobody is told about intermediate states: a restarted
         # server must load the final state's versions, not every version ever promoted.
         self._replaying = False
+        self._caught_up = threading.Event()
         # Registry versions that failed verification, with why (checkpoints are immutable).
         self._unusable: dict[str, str] = {}
-        self._consumer: bus.Consumer | None = None
-        if bootstrap_servers:
-            # A group of its own: every replica reads the whole history.
-            self._consumer = bus.Consumer(
-                bootstrap_servers, [topics.MODELS],
-                group_id=f"follower-{uuid.uuid4().hex[:12]}", client_id="model-follower",
-                registry=registry,
-            )  # fmt: skip
-        self._thread = threading.Thread(target=self._run, name="model-follower", daemon=True)
+        self._supervised = Supervised(
+            "model-follower", self._body, registry=registry, component=component,
+            report=lambda ok, detail: report("model_follower", ok, detail),
+        )  # fmt: skip
 
-    def start(self, catch_up_timeout_s: float = 30.0) -> None:
-        """Replays the models topic up to its end (bounded), adopts unannounced registry
-        versions, then follows in the background."""
-        if self._consumer is not None:
-            self._replaying = True
-            try:
-                self._catch_up(catch_up_timeout_s)
-            finally:
-                self._replaying = False
+    @property
+    def caught_up(self) -> bool:
+        """The models topic has been read to its end once (always true without Kafka)."""
+        return self._caught_up.is_set()
+
+    def start(self, wait_s: float = 30.0) -> bool:
+        """Starts following; waits up to ``wait_s`` for the models topic to be read to its end
+        (0: return at once) and returns whether it was."""
+        if self._bootstrap_servers:
+            self._report("models_topic", False, "the models topic has not been read yet")
+        else:
+            self._ready()
+        self._supervised.start()
+        return self._caught_up.wait(wait_s) if wait_s > 0 else self.caught_up
+
+    def stop(self) -> None:
+        self._supervised.stop()
+
+    def _ready(self) -> None:
+        """History known (after the first replay, or a restart's): adopt unannounced registry
+        versions, then hand every state over (changes were not passed on while replaying)."""
         self.sync_registry(grace_s=0.0)
         for state in self.states.values():
             self._on_change(state)
-        self._thread.start()
+        self._caught_up.set()
 
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
-        if self._consumer is not None:
-            self._consumer.close()
+    def _consumer(self) -> bus.Consumer:
+        assert self._bootstrap_servers
+        # A group of its own: every replica reads the whole history.
+        return bus.Consumer(
+            self._bootstrap_servers, [topics.MODELS],
+            group_id=f"follower-{uuid.uuid4().hex[:12]}", client_id="model-follower",
+            registry=self._metrics_registry,
+        )  # fmt: skip
 
-    def _catch_up(self, timeout_s: float) -> None:
-        assert self._consumer is not None
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                for record in self._consumer.poll(timeout_s=0.5):
-                    self.apply(record.value)  # type: ignore[arg-type]
-                positions = self._consumer.positions()
-                ends = self._consumer.end_offsets()
-                if positions and all(positions.get(tp, 0) >= end for tp, end in ends.items()):
+    def _replay(self, consumer: bus.Consumer, loop: Loop) -> None:
+        """Reads the models topic to its end, retrying with backoff while Kafka is away."""
+        backoff, last_warning = 0.5, float("-inf")
+        self._replaying = True
+        try:
+            while not loop.stopping:
+                try:
+                    for record in consumer.poll(timeout_s=0.5):
+                        self.apply(record.value)  # type: ignore[arg-type]
+                    positions = consumer.positions()
+                    if positions:
+                        ends = consumer.end_offsets(timeout_s=5.0)
+                        if all(positions.get(tp, 0) >= end for tp, end in ends.items()):
+                            return
+                    loop.healthy()
+                    continue
+                except KafkaError as exc:
+                    if time.monotonic() - last_warning >= 30.0:
+                        last_warning = time.monotonic()
+                        log.warning("models topic not readable yet (%s); retrying, serving "
+                                    "nothing meanwhile", exc)  # fmt: skip
+                    if loop.wait(backoff):
+                        return
+                    backoff = min(5.0, backoff * 2)
+        finally:
+            self._replaying = False
+
+    def _body(self, loop: Loop) -> None:
+        consumer = self._consumer() if self._bootstrap_servers else None
+        try:
+            if consumer is not None:
+                self._replay(consumer, loop)
+                if loop.stopping:
                     return
-            except Exception:  # Kafka down at start: serve from the registry meanwhile.
-                log.exception("models topic not readable; starting from the registry")
-                return
-        log.warning(
-            "models topic replay unfinished after %.0fs; continuing in background", timeout_s
-        )
+                self._report("models_topic", True, "")
+                self._ready()
+            next_scan = time.monotonic() + self._poll_registry_s
+            while not loop.stopping:
+                if consumer is not None:
+                    for record in consumer.poll(timeout_s=0.5):
+                        self.apply(record.value)  # type: ignore[arg-type]
+                else:
+                    loop.wait(0.5)
+                loop.healthy()
+                if time.monotonic() >= next_scan:
+                    next_scan = time.monotonic() + self._poll_registry_s
+                    try:
+                        self.sync_registry()
+                    except OSError:
+                        log.exception("registry scan failed")
+        finally:
+            if consumer is not None:
+                consumer.close()
 
     def apply(self, event: events_pb2.ModelEvent) -> None:
         state = self.states.get(event.role)
@@ -377,24 +435,3 @@ class ModelFollower:
     def _mark_unusable(self, version: str, reason: str) -> None:
         self._unusable[version] = reason
         log.error("registry version %s is not adopted: %s", version, reason)
-
-    def _run(self) -> None:
-        next_scan = time.monotonic() + self._poll_registry_s
-        while not self._stop.is_set():
-            if self._consumer is not None:
-                try:
-                    for record in self._consumer.poll(timeout_s=0.5):
-                        self.apply(record.value)  # type: ignore[arg-type]
-                except (
-                    Exception
-                ):  # Kafka trouble must not kill the follower; the registry still works.
-                    log.exception("models topic poll failed")
-                    self._stop.wait(1.0)
-            else:
-                self._stop.wait(0.5)
-            if time.monotonic() >= next_scan:
-                next_scan = time.monotonic() + self._poll_registry_s
-                try:
-                    self.sync_registry()
-                except OSError:
-                    log.exception("registry scan failed")

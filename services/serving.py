@@ -118,7 +118,8 @@ class ServingModels(Generic[M]):
         report: Callable[[str, bool, str], None] = lambda _name, _ok, _detail: None,
     ) -> None:
         """``report(condition, ok, detail)`` tells the server's health what serving needs:
-        ``model`` (a version is resident)."""
+        ``model`` (a version is resident), ``models_topic`` (read to its end once: until
+        then nothing is served) and ``model_follower`` (its thread runs)."""
         self.role = role
         self.component = ROLE_NAMES[role]
         self._producer: bus.Producer | None = None
@@ -157,6 +158,8 @@ class ServingModels(Generic[M]):
                 poll_registry_s=follow.poll_registry_s,
                 registry_grace_s=follow.registry_grace_s,
                 auto_promote_from_registry=follow.auto_promote_from_registry,
+                report=report,
+                component=self.component,
             )
 
     def _changed(self, state: ModelState) -> None:
@@ -176,13 +179,14 @@ class ServingModels(Generic[M]):
             log.exception("could not announce the rejection of %s", version)
 
     def start(self) -> None:
-        """Starts loading (in the background); the follower first replays the models topic."""
+        """Starts loading in the background; with Kafka, once the models topic was replayed
+        (the follower retries while Kafka is away, and nothing is served meanwhile)."""
         if self._static is not None:
             self.pool.reconcile(self._static)
         else:
             assert self.follower is not None
-            self.follower.start()
-            self.pool.reconcile(self.follower.states[self.role])
+            # The follower hands the pool the state once it knows the whole history.
+            self.follower.start(wait_s=0)
 
     def stop(self) -> None:
         if self.follower is not None:

@@ -1,7 +1,8 @@
 """The broker is SIGKILLed while submissions are in flight and stays away for longer than the
 producer's delivery timeout: the records in flight expire inside the producer. Afterwards the
 gateway must store again once the broker is back, and while it cannot store, health must not
-say SERVING.
+say SERVING. Meanwhile a ranking by generation id gets a retryable UNAVAILABLE, not NOT_FOUND:
+the gateway cannot know that the id does not exist.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from rlhf.kafka_local import LocalKafka
 from rlhf.runtime import ServerRuntime
-from rlhf.v1 import feedback_pb2_grpc
+from rlhf.v1 import feedback_pb2, feedback_pb2_grpc
 from services.feedback.config import KafkaConfig, ResolverConfig
 from services.feedback.server import (
     SERVICES,
@@ -42,6 +43,19 @@ def health(channel: grpc.Channel) -> int:
     return stub.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=5).status
 
 
+def rank_unknown_generation(stub, key: str) -> grpc.StatusCode:
+    request = comparison(
+        key,
+        feedback_pb2.ResponseRef(generation_id=f"never-served-{key}"),
+        feedback_pb2.ResponseRef(text="A labeler's own answer."),
+    )
+    try:
+        stub.SubmitComparison(request, timeout=30)
+    except grpc.RpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
 def test_gateway_stores_again_after_sigkill_outage_longer_than_delivery_timeout(
     private_kafka: LocalKafka,
 ) -> None:
@@ -58,12 +72,15 @@ def test_gateway_stores_again_after_sigkill_outage_longer_than_delivery_timeout(
     registry = CollectorRegistry()
     runtime = ServerRuntime(config.runtime, registry, component="feedback")
     runtime.start_in_thread(add_servicers(config, registry, runtime), SERVICES)
+    assert runtime.wait_serving("rlhf.v1.FeedbackService", 60)
     channel = grpc.insecure_channel(f"127.0.0.1:{runtime.port}")
     stub = feedback_pb2_grpc.FeedbackServiceStub(channel)
     stop = threading.Event()
     try:
         stub.SubmitComparison(comparison("before-0"), timeout=30)
         assert health(channel) == health_pb2.HealthCheckResponse.SERVING
+        # Broker up: a generation id the gateway has confirmed absent is NOT_FOUND.
+        assert rank_unknown_generation(stub, "before-gen") == grpc.StatusCode.NOT_FOUND
 
         def submit_forever(worker: int) -> None:
             i = 0
@@ -99,6 +116,9 @@ def test_gateway_stores_again_after_sigkill_outage_longer_than_delivery_timeout(
             15,
             "NOT_SERVING while the broker is down",
         )
+
+        # Broker down: the gateway cannot know the id is absent; the answer is retryable.
+        assert rank_unknown_generation(stub, "during-gen") == grpc.StatusCode.UNAVAILABLE
 
         private_kafka.start()
         # Back: it stores again without a restart, and health says SERVING again.

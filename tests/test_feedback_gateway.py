@@ -77,6 +77,7 @@ def start_gateway(
     registry = CollectorRegistry()
     runtime = ServerRuntime(config.runtime, registry, component="feedback")
     runtime.start_in_thread(add_servicers(config, registry, runtime), SERVICES)
+    assert runtime.wait_serving("rlhf.v1.FeedbackService", 60)
     channel = grpc.insecure_channel(f"127.0.0.1:{runtime.port}")
     return Gateway(runtime, channel, feedback_pb2_grpc.FeedbackServiceStub(channel), registry)
 
@@ -385,6 +386,7 @@ def test_a_bulk_stream_over_the_item_limit_stores_nothing(broker: LocalKafka) ->
     registry = CollectorRegistry()
     runtime = ServerRuntime(config.runtime, registry, component="feedback")
     runtime.start_in_thread(add_servicers(config, registry, runtime), SERVICES)
+    assert runtime.wait_serving("rlhf.v1.FeedbackService", 60)
     channel = grpc.insecure_channel(f"127.0.0.1:{runtime.port}")
     gw = Gateway(runtime, channel, feedback_pb2_grpc.FeedbackServiceStub(channel), registry)
     try:

@@ -96,7 +96,8 @@ def test_import_counts_good_and_bad_lines(
         kafka=KafkaConfig(bootstrap_servers=broker.bootstrap_servers),
         resolver=ResolverConfig(wait_s=0.3),
     )
-    app = open_gateway(config, CollectorRegistry(), startup_timeout_s=60)
+    app = open_gateway(config, CollectorRegistry())
+    assert app.wait_ready(60)
     try:
         errors = (tmp_path / "errors.jsonl").open("w")
         summary = asyncio.run(importer.import_lines(app.gateway, ["", *lines], errors=errors))

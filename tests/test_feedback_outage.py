@@ -94,6 +94,7 @@ def test_broker_outage_during_a_burst_loses_and_duplicates_nothing(
     registry = CollectorRegistry()
     runtime = ServerRuntime(config.runtime, registry, component="feedback")
     runtime.start_in_thread(add_servicers(config, registry, runtime), SERVICES)
+    assert runtime.wait_serving("rlhf.v1.FeedbackService", 60)
     address = f"127.0.0.1:{runtime.port}"
     try:
         results = asyncio.run(burst(address, private_kafka))

@@ -26,14 +26,15 @@ DEFAULT_PORTS = {"9092": "kafka", "9093": "controller", "50051": "policy", "5005
                  "9101": "policy metrics", "9102": "reward metrics"}  # fmt: skip
 
 
-def readme_blocks(heading: str) -> tuple[str, str]:
-    """The first bash and the first python block of the README section under ``heading``."""
+def readme_blocks(heading: str, python_holding: str = "") -> tuple[str, str]:
+    """The first bash block of the README section under ``heading``, and its first python
+    block that contains ``python_holding``."""
     text = (ROOT / "README.md").read_text()
     section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
     bash = re.search(r"```bash\n(.*?)```", section, re.S)
-    python = re.search(r"```python\n(.*?)```", section, re.S)
-    assert bash and python, f"README section {heading!r} lost its examples"
-    return bash.group(1), python.group(1)
+    pythons = [b for b in re.findall(r"```python\n(.*?)```", section, re.S) if python_holding in b]
+    assert bash and pythons, f"README section {heading!r} lost its examples"
+    return bash.group(1), pythons[0]
 
 
 def commands(block: str) -> list[str]:
@@ -81,7 +82,9 @@ def namespaces_allowed() -> bool:
 
 
 def test_the_readme_serving_block_runs_as_written(tmp_path: Path) -> None:
-    bash, python = readme_blocks("Serving: policy and reward servers")
+    bash, python = readme_blocks(
+        "Serving: policy and reward servers", 'grpc.insecure_channel("localhost:50051")'
+    )
     for name in LINKED:
         (tmp_path / name).symlink_to(ROOT / name)
     (tmp_path / "client.py").write_text(python)

@@ -30,7 +30,11 @@ def bare_kafka(tmp_path: Path) -> Iterator[LocalKafka]:
 
 
 def model_events(bootstrap: str) -> list[events_pb2.ModelEvent]:
-    return [r.value for r in read_events(bootstrap, [topics.MODELS])]  # type: ignore[misc]
+    records = read_events(bootstrap, [topics.MODELS])
+    # The models topic is compacted and keyed by event id (events.proto says so): compaction
+    # must never drop an event.
+    assert all(r.key == r.value.event_id for r in records)  # type: ignore[attr-defined]
+    return [r.value for r in records]  # type: ignore[misc]
 
 
 def test_topics_then_seed_is_idempotent(bare_kafka: LocalKafka, tmp_path: Path, capsys) -> None:

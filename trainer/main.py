@@ -21,10 +21,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from rlhf import bus, checkpoint
 from rlhf.config import parse_config
+from rlhf.topics import Topic
 from trainer import registry as registry_lib
 from trainer import state as state_lib
 from trainer.config import TrainerConfig
@@ -103,9 +104,9 @@ def run(
         start_http_server(cfg.metrics_port, registry=prom)
     stream_topics = StreamTopics.with_prefix(cfg.topic_prefix)
     parked = [stream_topics.parked(kind) for kind in ("demonstrations", "comparisons")]
-    bus.ensure_topics(
-        cfg.bootstrap_servers, [*stream_topics.inputs(), stream_topics.models, *parked]
-    )
+    topics = [*stream_topics.inputs(), stream_topics.models, *parked]
+    if not wait_for_kafka(cfg.bootstrap_servers, topics, prom, stop):
+        raise StoppedEarly("stopped while waiting for Kafka")
     # The bus registers the same metric names for producers and consumers; the consumer's
     # (records read, dead letters) are the ones a trainer operator watches.
     producer = bus.Producer(cfg.bootstrap_servers, client_id=cfg.client_id)
@@ -150,6 +151,36 @@ def run(
     return trainer
 
 
+class StoppedEarly(Exception):
+    """Asked to stop before the trainer could start."""
+
+
+def wait_for_kafka(
+    bootstrap_servers: str,
+    topics: list[Topic],
+    prom: CollectorRegistry,
+    stop: threading.Event | None,
+) -> bool:
+    """Creates the topics, retrying with backoff while Kafka is unreachable (the trainer can
+    start before the broker); ``rlhf_trainer_waiting_for_kafka`` is 1 meanwhile. False when
+    stopped first."""
+    waiting = Gauge("rlhf_trainer_waiting_for_kafka", "1 while start-up waits for Kafka",
+                    registry=prom)  # fmt: skip
+    stop = stop or threading.Event()
+    backoff = 0.5
+    while True:
+        try:
+            bus.ensure_topics(bootstrap_servers, topics, timeout_s=10.0)
+            waiting.set(0)
+            return True
+        except (bus.KafkaUnavailable, bus.KafkaError) as exc:
+            waiting.set(1)
+            log.warning("Kafka not ready (%s); retrying in %.1f s", exc, backoff)
+        if stop.wait(backoff):
+            return False
+        backoff = min(10.0, backoff * 2)
+
+
 def _describe(offsets: Mapping[tuple[str, int], int]) -> str:
     return ", ".join(f"{t}[{p}]@{o}" for (t, p), o in sorted(offsets.items()))
 
@@ -175,6 +206,8 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         run(cfg, stop=stop)
+    except StoppedEarly as exc:
+        log.info("%s", exc)
     except (FileNotFoundError, ValueError) as exc:
         log.error("%s", exc)
         return 2

@@ -61,7 +61,15 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self._actor = actor
         self._apply_timeout_s = apply_timeout_s
 
+    async def _caught_up(self, context: grpc.aio.ServicerContext) -> None:
+        if not self._follower.caught_up:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "the models topic has not been read to its end yet (Kafka unreachable?); retry",
+            )
+
     async def _state(self, role: int, context: grpc.aio.ServicerContext) -> ModelState:
+        await self._caught_up(context)
         state = self._follower.states.get(role)
         if state is None:
             names = ", ".join(f"{n} ({r})" for r, n in ROLE_NAMES.items())
@@ -136,6 +144,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return out
 
     async def GetStatus(self, request, context):
+        await self._caught_up(context)
         return admin_pb2.StatusResponse(
             roles=[role_status(s, self._resident(r)) for r, s in self._follower.states.items()]
         )

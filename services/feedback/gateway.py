@@ -29,6 +29,7 @@ import asyncio
 import functools
 import hashlib
 import logging
+import threading
 import time
 import uuid
 from collections import Counter
@@ -133,9 +134,15 @@ class FeedbackGateway:
         registry: CollectorRegistry,
         clock: Callable[[], float] = time.time,
         store_health: StoreHealth | None = None,
+        ready: Callable[[], bool] = lambda: True,
+        confirmed_after: Callable[[float], bool] = lambda _moment: True,
     ) -> None:
+        """``ready()``: the index of stored events is built (submissions wait for it);
+        ``confirmed_after``: the served-generations feed's (``TopicTail.confirmed_after``)."""
         self._config = config
         self._store_health = store_health
+        self._ready = ready
+        self._confirmed_after = confirmed_after
         self._producer = producer
         self._generations = generations
         self._seen = seen
@@ -206,7 +213,11 @@ class FeedbackGateway:
             if ref.WhichOneof("source") == "generation_id"
         }
         served = (
-            await self._generations.resolve(by_id, self._config.resolver.wait_s) if by_id else {}
+            await self._generations.resolve(
+                by_id, self._config.resolver.wait_s, self._confirmed_after
+            )
+            if by_id
+            else {}
         )
         prompt, _ = self._redact(request.prompt, counts)
         messages = self._redact_messages(request.messages, counts)
@@ -289,6 +300,13 @@ class FeedbackGateway:
         build: Callable[[str, Counter[str]], Awaitable[tuple[topics.Topic, Message, str]]],
     ) -> Submitted:
         try:
+            if not self._ready():
+                raise Rejection(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "unavailable",
+                    "the gateway is starting: it is still reading its index of stored events "
+                    "from Kafka; retry with the same idempotency key",
+                )
             validate()
             event_id = event_id_for(kind, idempotency_key)
             if await self._already_stored(event_id):
@@ -400,6 +418,17 @@ class GatewayApp:
         self._tails = tails
         self._store_health = store_health
 
+    @property
+    def ready(self) -> bool:
+        """Every tail has read the history that existed when it started."""
+        return all(tail.wait_caught_up(0) for tail in self._tails)
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        return all(
+            tail.wait_caught_up(max(0.0, deadline - time.monotonic())) for tail in self._tails
+        )
+
     def close(self) -> None:
         self._store_health.stop()
         self.gateway.close()
@@ -416,15 +445,17 @@ def open_gateway(
     config: GatewayConfig,
     registry: CollectorRegistry,
     *,
-    startup_timeout_s: float,
     on_condition: Condition = lambda _name, _ok, _detail: None,
+    warn_after_s: float = 60.0,
 ) -> GatewayApp:
-    """Connects to Kafka and rebuilds the dedupe index (blocking); call before serving.
+    """Starts the gateway's Kafka clients without waiting for Kafka.
 
-    Raises ``TimeoutError`` when the event topics cannot be read within ``startup_timeout_s``:
-    without the index a retried submission could be stored twice, so the gateway does not
-    start without it. ``on_condition(name, ok, detail)`` reports what the gateway needs to
-    serve (``kafka``: events can be stored) whenever it changes.
+    The index of stored events is rebuilt in the background (``GatewayApp.wait_ready``);
+    until it is, submissions get UNAVAILABLE: without the index a retried submission could be
+    stored twice. ``on_condition(name, ok, detail)`` reports what the gateway needs to serve
+    whenever it changes: ``index`` (rebuilt), ``kafka`` (events can be stored),
+    ``dedupe_tail`` and ``generations_tail`` (the topic tails run). While Kafka is down at
+    start, the clients keep retrying and a warning is logged every ``warn_after_s``.
     """
     kafka = config.kafka
     producer = bus.Producer(
@@ -437,45 +468,31 @@ def open_gateway(
     )
     seen = SeenEvents()
     generations = GenerationIndex(config.resolver.max_entries, config.resolver.ttl_s)
-    tails = [
-        TopicTail(
-            kafka.bootstrap_servers,
-            [topics.COMPARISONS, topics.DEMONSTRATIONS],
-            seen.add_record,
-            client_id=f"{kafka.client_id}-dedupe",
-            follow=kafka.follow_event_topics,
-            # Only event ids are read; the broker checked each batch's CRC when it was written
-            # and the trainer's consumer checks it again. Without the C crc32c package the
-            # check costs more than everything else the tail does.
-            check_crcs=False,
-        ),
-        TopicTail(
-            kafka.bootstrap_servers,
-            [topics.PROMPTS],
-            generations.add_record,
-            client_id=f"{kafka.client_id}-generations",
-        ),
-    ]
+    dedupe = TopicTail(
+        kafka.bootstrap_servers,
+        [topics.COMPARISONS, topics.DEMONSTRATIONS],
+        seen.add_record,
+        client_id=f"{kafka.client_id}-dedupe",
+        registry=registry,
+        follow=kafka.follow_event_topics,
+        # Only event ids are read; the broker checked each batch's CRC when it was written
+        # and the trainer's consumer checks it again. Without the C crc32c package the
+        # check costs more than everything else the tail does.
+        check_crcs=False,
+        report=lambda ok, detail: on_condition("dedupe_tail", ok, detail),
+    )
+    served = TopicTail(
+        kafka.bootstrap_servers,
+        [topics.PROMPTS],
+        generations.add_record,
+        client_id=f"{kafka.client_id}-generations",
+        registry=registry,
+        report=lambda ok, detail: on_condition("generations_tail", ok, detail),
+    )
+    tails = [dedupe, served]
+    on_condition("index", False, "reading the index of stored events from Kafka")
     for tail in tails:
         tail.start()
-    deadline = time.monotonic() + startup_timeout_s
-    try:
-        for tail in tails:
-            if not tail.wait_caught_up(max(0.0, deadline - time.monotonic())):
-                raise TimeoutError(
-                    f"could not read the history of {tail.name} from Kafka at "
-                    f"{kafka.bootstrap_servers} within {startup_timeout_s:g} s"
-                )
-    except BaseException:
-        for tail in tails:
-            tail.stop()
-        producer.close()
-        raise
-    log.info(
-        "feedback gateway ready: %d stored events, %d served generations indexed",
-        len(seen),
-        len(generations),
-    )
     probe = bus.BrokerProbe(
         kafka.bootstrap_servers,
         [topics.COMPARISONS, topics.DEMONSTRATIONS],
@@ -483,7 +500,28 @@ def open_gateway(
         timeout_s=2.0,
     )
     store_health = StoreHealth(probe, lambda ok, detail: on_condition("kafka", ok, detail))
+    app: GatewayApp | None = None
     gateway = FeedbackGateway(
-        config, producer, generations, seen, registry, store_health=store_health
-    )
-    return GatewayApp(gateway, producer, tails, store_health)
+        config, producer, generations, seen, registry, store_health=store_health,
+        ready=lambda: app is not None and app.ready, confirmed_after=served.confirmed_after,
+    )  # fmt: skip
+    app = GatewayApp(gateway, producer, tails, store_health)
+
+    def announce_ready() -> None:
+        waited = 0.0
+        while app is not None and not app.wait_ready(warn_after_s):
+            waited += warn_after_s
+            if store_health.stopped:
+                return
+            log.warning(
+                "feedback gateway: still reading the index of stored events from Kafka at %s "
+                "after %.0f s (NOT_SERVING meanwhile)", kafka.bootstrap_servers, waited,
+            )  # fmt: skip
+        on_condition("index", True, "")
+        log.info(
+            "feedback gateway ready: %d stored events, %d served generations indexed",
+            len(seen), len(generations),
+        )  # fmt: skip
+
+    threading.Thread(target=announce_ready, name="gateway-index", daemon=True).start()
+    return app

@@ -6,7 +6,10 @@ The policy server publishes every served generation to ``rlhf.prompts``; the gat
 that topic from the beginning (``tail.TopicTail``) into a ``GenerationIndex``: bounded in size
 (least recently used entries go first) and in age (older than the TTL is expired).
 A comparison may arrive before its generation was read (the publisher and the labeler race),
-so ``resolve`` waits a bounded time for missing ids, woken by the feed, before NOT_FOUND.
+so ``resolve`` waits a bounded time for missing ids, woken by the feed. An id still missing
+is NOT_FOUND only when the feed confirms it has read everything that existed after the
+request arrived (it is known to be absent); while the feed cannot confirm that (Kafka
+unreachable, the tail restarting), the answer is a retryable UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -102,12 +105,18 @@ class GenerationIndex:
             return sample
 
     async def resolve(
-        self, generation_ids: Mapping[int, str], wait_s: float
+        self,
+        generation_ids: Mapping[int, str],
+        wait_s: float,
+        confirmed_after: Callable[[float], bool] = lambda _moment: True,
     ) -> dict[int, ServedSample]:
         """Looks up the id of each response index, waiting up to ``wait_s`` for ids not read yet.
 
-        Raises ``Rejection(NOT_FOUND)`` naming the first id that stays unknown or is expired.
+        Raises ``Rejection(NOT_FOUND)`` naming the first id that stays unknown or is expired,
+        once ``confirmed_after(arrival)`` says the feed has read everything that existed
+        after the request arrived; ``Rejection(UNAVAILABLE)`` when it cannot say so in time.
         """
+        arrived = time.monotonic()
         loop = asyncio.get_running_loop()
         pending: dict[str, asyncio.Future[None]] = {}
         with self._lock:
@@ -129,6 +138,18 @@ class GenerationIndex:
         for i, gid in generation_ids.items():
             sample = self.get(gid)
             if sample is None:
+                if not await _wait_confirmed(confirmed_after, arrived, max(wait_s, 1.0)):
+                    raise Rejection(
+                        grpc.StatusCode.UNAVAILABLE,
+                        "unavailable",
+                        f"responses[{i}].generation_id: {gid!r} is not in the index of served "
+                        "generations, which cannot confirm it is current (Kafka unreachable?); "
+                        "retry with the same idempotency key",
+                    )
+                late = self.get(gid)  # read while confirming
+                if late is not None:
+                    found[i] = late
+                    continue
                 raise Rejection(
                     grpc.StatusCode.NOT_FOUND,
                     "unknown_generation",
@@ -137,6 +158,18 @@ class GenerationIndex:
                 )
             found[i] = sample
         return found
+
+
+async def _wait_confirmed(
+    confirmed_after: Callable[[float], bool], moment: float, timeout_s: float
+) -> bool:
+    # Polled: the feed confirms from its own thread about every 0.2 s while it is current.
+    deadline = time.monotonic() + timeout_s
+    while not confirmed_after(moment):
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
 
 
 def _set_done(future: asyncio.Future[None]) -> None:

@@ -141,7 +141,13 @@ async def import_lines(
 
 def run_import(config: ImportConfig, registry: CollectorRegistry) -> ImportSummary:
     """Opens the gateway, imports ``config.file`` and closes the gateway again."""
-    app = open_gateway(config, registry, startup_timeout_s=config.startup_timeout_s)
+    app = open_gateway(config, registry)
+    if not app.wait_ready(config.startup_timeout_s):
+        app.close()
+        raise TimeoutError(
+            f"could not read the stored events from Kafka at {config.kafka.bootstrap_servers} "
+            f"within {config.startup_timeout_s:g} s"
+        )
     with contextlib.ExitStack() as stack:
         stack.callback(app.close)
         if config.file == "-":

@@ -49,7 +49,9 @@ class FeedbackServerConfig(GatewayConfig):
         metadata={"help": "gRPC and HTTP servers, auth and metrics"},
     )
     startup_timeout_s: float = option(
-        120.0, "how long start-up may wait for Kafka to rebuild the dedupe index"
+        60.0,
+        "while Kafka is unreachable at start, a warning is logged this often; the gateway "
+        "serves health (NOT_SERVING) meanwhile and keeps retrying",
     )
 
 
@@ -113,6 +115,11 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
                     "in smaller streams",
                 )
             items.append(item)
+        # The loop above also ends (without an error) when gRPC itself ends the stream, e.g.
+        # on an item over the message size limit. Sending the response headers succeeds only
+        # on a call the client half-closed and still waits on; on a broken call it raises
+        # (the call is cancelled), so nothing below runs and nothing is stored.
+        await context.send_initial_metadata(())
         return await self.store_all(items)
 
     async def store_all(
@@ -142,7 +149,7 @@ def add_servicers(
             open_gateway,
             config,
             registry,
-            startup_timeout_s=config.startup_timeout_s,
+            warn_after_s=config.startup_timeout_s,
             on_condition=lambda name, ok, detail: runtime.set_condition(FEEDBACK, name, ok, detail),
         )
         runtime.on_stop(lambda: asyncio.to_thread(app.close))

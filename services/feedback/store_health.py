@@ -35,6 +35,11 @@ class StoreHealth:
         self._thread.start()
 
     @property
+    def stopped(self) -> bool:
+        with self._cond:
+            return self._stopped
+
+    @property
     def ok(self) -> bool:
         with self._cond:
             return self._ok
