@@ -69,18 +69,15 @@ import dataclasses
 import inspect
 import logging
 import signal
-import socket
 import threading
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, make_wsgi_app
-from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client import CollectorRegistry
 
 # Re-exported: services import the auth names and CallError from the runtime they plug into.
 from rlhf.auth import KeyStore as KeyStore
@@ -89,16 +86,21 @@ from rlhf.auth import parse_api_keys as parse_api_keys
 from rlhf.calls import PUBLIC_SERVICES, CallInterceptor, CallMetrics
 from rlhf.calls import CallError as CallError
 from rlhf.config import option
-from rlhf.tls import TlsConfig, grpc_server_credentials, server_ssl_context
+from rlhf.metrics_http import serve_metrics
+from rlhf.tls import TlsConfig, grpc_server_credentials
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    host: str = option("0.0.0.0", "address the gRPC server binds to")
+    # Loopback by default: a server started by hand is not reachable from elsewhere until
+    # asked to be (the chart and the image bind 0.0.0.0 explicitly).
+    host: str = option("127.0.0.1", "address the gRPC server binds to (0.0.0.0: every interface)")
     port: int = option(50051, "gRPC port (0 picks a free port)")
-    metrics_host: str = option("0.0.0.0", "address the Prometheus /metrics endpoint binds to")
+    metrics_host: str = option(
+        "127.0.0.1", "address the Prometheus /metrics endpoint binds to (0.0.0.0: every interface)"
+    )
     metrics_port: int = option(9100, "Prometheus /metrics port (0 picks a free port, -1 disables)")
     api_keys: str = option(
         "",
@@ -118,7 +120,9 @@ class RuntimeConfig:
         0, "calls served at once before new ones get RESOURCE_EXHAUSTED (0: no limit)"
     )
     grace_s: float = option(10.0, "seconds in-flight calls get to finish on shutdown")
-    http_host: str = option("0.0.0.0", "address the HTTP/JSON API binds to")
+    http_host: str = option(
+        "127.0.0.1", "address the HTTP/JSON API binds to (0.0.0.0: every interface)"
+    )
     http_port: int = option(-1, "HTTP/JSON API port (0 picks a free port, -1 disables)")
     http_cors_origins: tuple[str, ...] = option(
         (),
@@ -146,26 +150,6 @@ class RuntimeConfig:
         if self.grace_s < 0:
             raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
         parse_api_keys(self.api_keys, where="api_keys")  # fail at start-up, not at first call
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-def serve_metrics(registry: CollectorRegistry, host: str, port: int, tls: TlsConfig) -> WSGIServer:
-    """Serves ``/metrics`` from a daemon thread, over TLS (certificate reloaded like the gRPC
-    port's) when ``tls`` is configured; ``.server_port`` is the bound port."""
-    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-
-    class Server(ThreadingWSGIServer):
-        address_family = family
-
-    httpd = make_server(host, port, make_wsgi_app(registry), Server, handler_class=_QuietHandler)
-    if tls.enabled:
-        httpd.socket = server_ssl_context(tls).wrap_socket(httpd.socket, server_side=True)
-    threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True).start()
-    return httpd
 
 
 AddServicers = Callable[[grpc.aio.Server], Awaitable[None] | None]
@@ -205,7 +189,8 @@ class ServerRuntime:
         self._stopped = False
         # service -> failing condition -> what is wrong; a service with none is SERVING.
         self._failing: dict[str, dict[str, str]] = {}
-        self._conditions_lock = threading.Lock()
+        self._service_names: set[str] = set()
+        self._conditions_lock = threading.Condition()
         self.port = 0
         self.metrics_port = -1
         self.http_port = -1  # set by the HTTP door once it listens
@@ -246,6 +231,7 @@ class ServerRuntime:
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         service_names = sorted({name.lstrip("/").split("/", 1)[0] for name in scopes})
+        self._service_names = set(service_names)
         reflection.enable_server_reflection([*service_names, *PUBLIC_SERVICES], server)
         address = f"{cfg.host}:{cfg.port}"
         try:
@@ -263,7 +249,7 @@ class ServerRuntime:
             await door.start()
         if cfg.metrics_port >= 0:
             self._metrics_http = serve_metrics(
-                self.registry, cfg.metrics_host, cfg.metrics_port, cfg.tls
+                self.registry, cfg.metrics_host, cfg.metrics_port, cfg.tls, self.health_of
             )
             self.metrics_port = self._metrics_http.server_port
         if not self.keys.enabled:
@@ -309,6 +295,7 @@ class ServerRuntime:
             else:
                 failing[condition] = detail
             ready = not failing
+            self._conditions_lock.notify_all()
         self.metrics.conditions.labels(service, condition).set(1 if ok else 0)
         if ok and before is not None:
             log.info("%s: %s holds again", service, condition)
@@ -322,6 +309,23 @@ class ServerRuntime:
     async def _publish_health(self, service: str) -> None:
         if self._health is not None and not self._stopped:
             await self._health.set(service, self._status(not self.failing(service)))
+
+    def wait_serving(self, service: str, timeout_s: float) -> bool:
+        """Blocks until every condition of ``service`` holds (e.g. the feedback gateway has
+        rebuilt its index from Kafka), or the timeout; True when it does."""
+        with self._conditions_lock:
+            return self._conditions_lock.wait_for(
+                lambda: not self._failing.get(service), timeout=timeout_s
+            )
+
+    def health_of(self, service: str) -> dict[str, str] | None:
+        """What ``/health/<service>`` reports: None for an unknown service, else the failing
+        conditions ({} while SERVING); "" is the whole server, failing only while draining."""
+        if not service:
+            return {"server": "shutting down"} if self._stopped else {}
+        if service not in self._service_names:
+            return None
+        return {"server": "shutting down"} if self._stopped else self.failing(service)
 
     def failing(self, service: str) -> dict[str, str]:
         """The conditions of ``service`` that do not hold now, with what is wrong."""

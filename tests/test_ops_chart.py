@@ -78,7 +78,7 @@ def test_ops_check_passes(ops_env: dict[str, str], tmp_path: Path) -> None:
     # Every rendered resource was validated, none skipped except the KafkaTopics (no schema).
     assert out.count("Invalid: 0, Errors: 0") == 4, out
     assert out.count("Valid: 20, Invalid: 0, Errors: 0, Skipped: 0") == 2, out
-    assert out.count("Valid: 25, Invalid: 0, Errors: 0, Skipped: 8") == 2, out
+    assert out.count("Valid: 26, Invalid: 0, Errors: 0, Skipped: 8") == 2, out
     assert "skipping KafkaTopic" in out
     assert "SUCCESS: 11 rules found" in out
     all_features = yaml.safe_load_all((tmp_path / "all-features-k8s-1.27.0.yaml").read_text())
@@ -194,12 +194,27 @@ def test_rendered_config_is_accepted_by_the_component(
         service = find(docs, "Service", name)["spec"]["ports"]
         assert ("http" in {p["name"] for p in service}) == (http_port != -1)
         assert bool(config.runtime.api_keys_file) == (values == "all-features")
+        tls = config.runtime.tls
+        if values == "all-features":
+            assert (tls.cert_file, tls.key_file, tls.client_ca_file) == (
+                "/etc/rlhf/tls/tls.crt", "/etc/rlhf/tls/tls.key", "/etc/rlhf/tls/ca.crt"
+            )  # fmt: skip
+            assert tls.require_client_cert
+        else:
+            assert not tls.enabled
+        # Pods are reached through their IP: every port binds all interfaces.
+        assert {config.runtime.host, config.runtime.metrics_host, config.runtime.http_host} == {
+            "0.0.0.0"
+        }
         assert config.runtime.grace_s < pod["terminationGracePeriodSeconds"]
     if component == "policy":
         assert config.publish.bootstrap_servers == bootstrap
         assert config.model.registry == "/var/lib/rlhf/registry"
         if values == "all-features":
             assert (config.engine.max_batch_size, config.model.dtype) == (32, "bfloat16")
+    if component in ("policy", "reward"):
+        # The models topic decides what is served; the servers follow it.
+        assert config.follow.bootstrap_servers == bootstrap
     if component == "reward":
         assert config.model.registry == "/var/lib/rlhf/registry"
     if component == "feedback":
@@ -320,3 +335,37 @@ def test_helm_test_hook_runs_the_health_check(
     assert "http://rlhf-policy:8080/health" in args
     script = find(docs, "ConfigMap", "rlhf-test-health")["data"]["health_check.py"]
     assert script == (CHART / "files" / "health_check.py").read_text().rstrip("\n")
+
+
+def test_tls_from_a_secret_with_https_probes(
+    helm: Callable[..., subprocess.CompletedProcess[str]],
+) -> None:
+    """cert-manager's Secret layout mounted into every server; probes and scrapes over HTTPS
+    on the metrics port (Kubernetes' gRPC probes cannot do TLS); the trainer stays HTTP."""
+    docs = render(helm, "-f", str(ALL_FEATURES))
+    for component, service in (("policy", "rlhf.v1.InferenceService"),
+                               ("feedback", "rlhf.v1.FeedbackService")):  # fmt: skip
+        pod = find(docs, "Deployment", f"rlhf-{component}")["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        https = {"port": "metrics", "scheme": "HTTPS"}
+        assert container["readinessProbe"]["httpGet"] == {**https, "path": f"/health/{service}"}
+        assert container["livenessProbe"]["httpGet"] == {**https, "path": "/health"}
+        assert container["startupProbe"]["httpGet"] == {**https, "path": "/health"}
+        assert {"name": "tls", "mountPath": "/etc/rlhf/tls", "readOnly": True} in container[
+            "volumeMounts"
+        ]
+        volume = next(v for v in pod["volumes"] if v["name"] == "tls")
+        assert volume["secret"]["secretName"] == "rlhf-tls"
+    test_pod = find(docs, "Pod", "rlhf-test-health")["spec"]
+    args = test_pod["containers"][0]["args"]
+    assert args[args.index("--tls-ca") + 1] == "/etc/rlhf/tls/ca.crt"
+    assert "--tls-cert" in args and "https://rlhf-policy:9090/metrics" in args
+    assert "http://rlhf-trainer:9090/metrics" in args
+    monitors = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "ServiceMonitor"}
+    assert set(monitors) == {"rlhf", "rlhf-trainer"}
+    servers = monitors["rlhf"]["endpoints"][0]
+    assert servers["scheme"] == "https"
+    assert servers["tlsConfig"] == {
+        "ca": {"secret": {"name": "rlhf-tls", "key": "ca.crt"}}, "serverName": "rlhf.rlhf.svc"
+    }  # fmt: skip
+    assert "scheme" not in monitors["rlhf-trainer"]["endpoints"][0]

@@ -5,8 +5,10 @@ the project's protos that exist only to exercise the runtime."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 
@@ -316,3 +318,32 @@ def test_a_broken_or_empty_keys_file_keeps_the_keys_in_force(tmp_path, monkeypat
     keys_file.write_text(f"{ADMIN_KEY} admin\n")
     assert store.lookup(ADMIN_KEY) == {Scope.ADMIN}
     assert store.lookup(INFER_KEY) is None
+
+
+def test_health_over_http_on_the_metrics_port(server: ServerRuntime) -> None:
+    """What HTTP(S)-only probes see: 200 while a service is SERVING, 503 with the failing
+    conditions while it is not, 404 for a service the server does not have."""
+    base = f"http://127.0.0.1:{server.metrics_port}/health"
+
+    def get(path: str) -> tuple[int, dict]:
+        try:
+            with urllib.request.urlopen(base + path, timeout=10) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    assert get("") == (200, {"service": "", "status": "SERVING", "failing": {}})
+    assert get("/rlhf.v1.RewardService")[0] == 200
+    server.set_condition("rlhf.v1.RewardService", "model", False, "no model loaded")
+    try:
+        code, body = get("/rlhf.v1.RewardService")
+        assert (code, body["failing"]) == (503, {"model": "no model loaded"})
+        with _channel(server) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="rlhf.v1.RewardService"), timeout=10
+            )
+        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        server.set_condition("rlhf.v1.RewardService", "model", True)
+    assert get("/rlhf.v1.RewardService")[0] == 200
+    assert get("/rlhf.v1.Nope")[0] == 404

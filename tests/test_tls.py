@@ -4,7 +4,10 @@ files are picked up without a restart."""
 
 from __future__ import annotations
 
+import os
 import ssl
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -19,8 +22,9 @@ from prometheus_client import CollectorRegistry
 from rlhf import tls
 from rlhf.runtime import RuntimeConfig, Scope, ServerRuntime
 from rlhf.tls import TlsConfig
-from rlhf.v1 import reward_pb2, reward_pb2_grpc
+from rlhf.v1 import inference_pb2, inference_pb2_grpc, reward_pb2, reward_pb2_grpc
 from tests.pki import Authority, Issued
+from tests.test_readme_serving import readme_blocks
 from tests.test_runtime import LengthScorer
 
 
@@ -161,3 +165,82 @@ def test_tls_settings_are_checked() -> None:
         TlsConfig(cert_file="a.crt")
     with pytest.raises(ValueError, match="require_client_cert needs client_ca_file"):
         TlsConfig(cert_file="a", key_file="b", require_client_cert=True)
+
+
+class Echo(inference_pb2_grpc.InferenceServiceServicer):
+    """Answers Generate with the prompt itself."""
+
+    async def Generate(self, request, context):
+        return inference_pb2.GenerateResponse(
+            model_version="echo", samples=[inference_pb2.Sample(text=request.prompt)]
+        )
+
+
+def test_the_readme_tls_client_example(server_files, cas, tmp_path: Path) -> None:
+    """The README's TLS client block, as written except for the server address."""
+    cert, key = server_files
+    config = RuntimeConfig(
+        host="127.0.0.1", port=0, metrics_port=-1, grace_s=0.5, api_keys="my-infer-key infer",
+        tls=TlsConfig(cert_file=str(cert), key_file=str(key)),
+    )  # fmt: skip
+    runtime = ServerRuntime(config, CollectorRegistry(), component="tlsreadme")
+    runtime.start_in_thread(
+        lambda server: inference_pb2_grpc.add_InferenceServiceServicer_to_server(Echo(), server),
+        {"rlhf.v1.InferenceService": Scope.INFER},
+    )
+    try:
+        _, block = readme_blocks("Serving: policy and reward servers", "ssl_channel_credentials")
+        assert "policy.example.com:50051" in block
+        code = block.replace("policy.example.com:50051", f"localhost:{runtime.port}")
+        code += (
+            "\nassert reply.samples[0].text == 'Hello', reply\nprint('ok', reply.model_version)\n"
+        )
+        (tmp_path / "ca.crt").write_bytes(cas[0].pem)
+        (tmp_path / "client.py").write_text(code)
+        root = Path(__file__).resolve().parents[1]
+        done = subprocess.run(
+            [sys.executable, "client.py"], cwd=tmp_path, capture_output=True, text=True,
+            env={**os.environ, "PYTHONPATH": str(root)}, timeout=120, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "ok echo" in done.stdout
+    finally:
+        runtime.stop_in_thread()
+
+
+def test_the_charts_health_check_speaks_mutual_tls(server_files, cas, tmp_path: Path) -> None:
+    """What `helm test` runs when the chart has a TLS Secret: gRPC health, /health and
+    /metrics over TLS with a client certificate, against a server that requires one."""
+    ca1, _ = cas
+    cert, key = server_files
+    ca_file = tmp_path / "ca.crt"
+    ca_file.write_bytes(ca1.pem)
+    client_cert, client_key = tmp_path / "client.crt", tmp_path / "client.key"
+    ca1.issue("helm-test", server=False).write(client_cert, client_key)
+    runtime = start(
+        TlsConfig(
+            cert_file=str(cert),
+            key_file=str(key),
+            client_ca_file=str(ca_file),
+            require_client_cert=True,
+        )
+    )
+    script = Path(__file__).resolve().parents[1] / "helm" / "rlhf" / "files" / "health_check.py"
+    try:
+        done = subprocess.run(
+            [sys.executable, str(script), "--tls-ca", str(ca_file), "--tls-cert",
+             str(client_cert), "--tls-key", str(client_key),
+             "--grpc", f"localhost:{runtime.port}/rlhf.v1.RewardService",
+             "--http", f"https://localhost:{runtime.metrics_port}/health/rlhf.v1.RewardService",
+             "--metrics", f"https://localhost:{runtime.metrics_port}/metrics",
+             "--timeout-s", "20"],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        # The metrics port never requires a client certificate (kubelet probes it).
+        plain_ca = ssl.create_default_context(cadata=ca1.pem.decode())
+        url = f"https://localhost:{runtime.metrics_port}/health"
+        assert urllib.request.urlopen(url, context=plain_ca, timeout=10).status == 200
+    finally:
+        runtime.stop_in_thread()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines()[-1] == "health checks: 3 of 3 ok"

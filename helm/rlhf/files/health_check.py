@@ -3,6 +3,11 @@ every HTTP API answers its health URL with 200, and every /metrics endpoint serv
 text with rlhf_ metrics.
 
     python health_check.py --grpc HOST:PORT/SERVICE ... --http URL ... --metrics URL ... [--timeout-s 60]
+        [--tls-ca ca.crt [--tls-cert tls.crt --tls-key tls.key]]
+
+With ``--tls-ca`` the gRPC checks use TLS, trusting that CA (the system's CAs when the file
+does not exist), and https:// URLs are verified against it; ``--tls-cert``/``--tls-key`` add
+a client certificate for servers that require one.
 
 Exits 0 when every check passes, 1 otherwise, printing one line per check. It ships in the
 chart (a ConfigMap mounted into the test pod) and runs in the rlhf image, which has grpcio,
@@ -12,16 +17,51 @@ grpcio-health-checking and prometheus-client installed.
 from __future__ import annotations
 
 import argparse
+import os
+import ssl
 import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+@dataclass(frozen=True)
+class Tls:
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
+
+    def _read(self, path: str) -> bytes | None:
+        return open(path, "rb").read() if path and os.path.exists(path) else None
+
+    def channel(self, address: str) -> grpc.Channel:
+        if not self.ca:
+            return grpc.insecure_channel(address)
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=self._read(self.ca),
+            private_key=self._read(self.key),
+            certificate_chain=self._read(self.cert),
+        )
+        return grpc.secure_channel(address, credentials)
+
+    def context(self) -> ssl.SSLContext | None:
+        if not self.ca:
+            return None
+        ca = self.ca if os.path.exists(self.ca) else None
+        context = ssl.create_default_context(cafile=ca)
+        if self.cert and os.path.exists(self.cert):
+            context.load_cert_chain(self.cert, self.key)
+        return context
+
+
+TLS = Tls()
 
 
 def check_grpc(target: str, timeout_s: float) -> str | None:
@@ -31,7 +71,7 @@ def check_grpc(target: str, timeout_s: float) -> str | None:
     waited for (until the deadline) instead of polled.
     """
     address, _, service = target.partition("/")
-    with grpc.insecure_channel(address) as channel:
+    with TLS.channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         request = health_pb2.HealthCheckRequest(service=service)
         last = "no status received"
@@ -53,7 +93,9 @@ def check_http(url: str, timeout_s: float) -> str | None:
     last = "no answer"
     while True:
         try:
-            with urllib.request.urlopen(url, timeout=max(1.0, min(5.0, timeout_s))) as response:
+            with urllib.request.urlopen(
+                url, timeout=max(1.0, min(5.0, timeout_s)), context=TLS.context()
+            ) as response:
                 if response.status == 200:
                     return None
                 last = f"HTTP {response.status}"
@@ -69,7 +111,7 @@ def check_http(url: str, timeout_s: float) -> str | None:
 def check_metrics(url: str, timeout_s: float) -> str | None:
     """Fetches ``url`` and checks that it is Prometheus text holding rlhf_ metric families."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        with urllib.request.urlopen(url, timeout=timeout_s, context=TLS.context()) as response:
             body = response.read().decode()
     except OSError as err:
         return f"GET failed: {err}"
@@ -88,7 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http", action="append", default=[], metavar="URL")
     parser.add_argument("--metrics", action="append", default=[], metavar="URL")
     parser.add_argument("--timeout-s", type=float, default=60.0, help="per check")
+    parser.add_argument("--tls-ca", default="", help="use TLS, trusting this CA file")
+    parser.add_argument("--tls-cert", default="", help="client certificate (with --tls-ca)")
+    parser.add_argument("--tls-key", default="", help="its private key")
     args = parser.parse_args(argv)
+    global TLS
+    TLS = Tls(args.tls_ca, args.tls_cert, args.tls_key)
     if not args.grpc and not args.http and not args.metrics:
         parser.error("nothing to check: give --grpc, --http and/or --metrics")
 

@@ -132,6 +132,10 @@ Call with (dict "root" $ "component" "policy").
 {{/* rlhf.runtime.RuntimeConfig of a gRPC server. */}}
 {{- define "rlhf.wired.runtime" -}}
 runtime:
+  # Pods are reached through their IP: every port binds all interfaces (the default is loopback).
+  host: 0.0.0.0
+  metrics_host: 0.0.0.0
+  http_host: 0.0.0.0
   port: {{ .values.grpcPort }}
   metrics_port: {{ .values.metricsPort }}
   http_port: {{ if .values.http.enabled }}{{ .values.http.port }}{{ else }}-1{{ end }}
@@ -142,12 +146,27 @@ runtime:
   api_keys_file: {{ printf "%s/%s" .root.Values.auth.mountPath .root.Values.auth.key }}
   require_auth: true
   {{- end }}
+  {{- with .root.Values.tls }}
+  {{- if .existingSecret }}
+  tls:
+    cert_file: {{ printf "%s/tls.crt" .mountPath }}
+    key_file: {{ printf "%s/tls.key" .mountPath }}
+    {{- if ne .clientAuth "none" }}
+    client_ca_file: {{ printf "%s/ca.crt" .mountPath }}
+    require_client_cert: {{ eq .clientAuth "require" }}
+    {{- end }}
+  {{- end }}
+  {{- end }}
 {{- end }}
 
 {{- define "rlhf.wired.policy" -}}
 {{ include "rlhf.wired.runtime" (dict "root" . "values" .Values.policy) }}
 model:
   registry: {{ .Values.registry.mountPath }}
+# The models topic decides what is served (promotions, rollbacks, rejections) and carries
+# AdminService's changes; without it a rolled-back version could come back.
+follow:
+  bootstrap_servers: {{ .Values.kafka.bootstrapServers | quote }}
 publish:
   bootstrap_servers: {{ .Values.kafka.bootstrapServers | quote }}
 {{- end }}
@@ -156,6 +175,8 @@ publish:
 {{ include "rlhf.wired.runtime" (dict "root" . "values" .Values.reward) }}
 model:
   registry: {{ .Values.registry.mountPath }}
+follow:
+  bootstrap_servers: {{ .Values.kafka.bootstrapServers | quote }}
 {{- end }}
 
 {{- define "rlhf.wired.feedback" -}}
