@@ -32,8 +32,8 @@ from services.feedback.server import (
 from tests.test_feedback_gateway import comparison
 from tests.test_serving_restart import INFERENCE, generate, health, server
 from trainer.config import DataConfig, TrainerConfig
-from trainer.data import StreamTopics
 from trainer.main import run as run_trainer
+from trainer.reader import StreamTopics
 
 FEEDBACK = "rlhf.v1.FeedbackService"
 POLICY = events_pb2.MODEL_ROLE_POLICY
