@@ -19,8 +19,8 @@ from rlhf.v1 import events_pb2, inference_pb2, inference_pb2_grpc
 from tests.test_policy_server import INFER, _read_prompts, make_config, start
 from trainer.config import DataConfig
 from trainer.data import TrainingData
-from trainer.reader import StreamReader, StreamTopics
 from trainer.metrics import TrainerMetrics
+from trainer.reader import StreamReader, StreamTopics
 
 RAW = "Mail jane.doe@example.com, call +1 415 555 0100, from 10.1.2.3."
 REDACTED = "Mail [EMAIL], call [PHONE], from [IP]."
