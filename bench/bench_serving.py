@@ -1,7 +1,7 @@
 """Serving benchmark: the policy server's engines against their peers, on the same model, the
 same 32 prompts (each served 3 times per run) and the same settings, in one run.
 
-    PYTHONPATH=. python bench/bench_serving.py                       # tiny + small, CPU
+    PYTHONPATH=. python bench/bench_serving.py                       # tiny + small, CPU, BPE family
     PYTHONPATH=. python bench/bench_serving.py --sizes small --no-vllm
     PYTHONPATH=. python bench/bench_serving.py --sizes 0.5b --device cuda --dtype bfloat16
 
@@ -82,7 +82,7 @@ def start_server(
     cmd = [
         sys.executable, "-m", "rlhf", "serve", "policy", "--engine.kind", kind,
         "--model.path", str(model_path), "--model.device", args.device, "--model.dtype", args.dtype,
-        "--runtime.host", "127.0.0.1", "--runtime.port", str(port), "--runtime.metrics-port", "-1",
+        "--runtime.host", "127.0.0.1", "--runtime.port", str(port), "--runtime.metrics-port", "-1", "--runtime.http-port", "-1",
         "--engine.max-batch-size", "32", "--engine.torch-threads", str(args.threads),
         "--limits.max-new-tokens", str(max(args.max_new_tokens, 64)),
         "--limits.max-input-tokens", "448",
@@ -167,7 +167,7 @@ def vllm_reason(model_path: Path, args: argparse.Namespace) -> str:
 
 
 def bench_size(size: str, args: argparse.Namespace, tmp: Path) -> dict:
-    model_path = build_tiny(tmp / size, seed=0, size=size)
+    model_path = build_tiny(tmp / size, seed=0, size=size, tokenizer=args.tokenizer)
     model, tok = load_policy(
         model_path,
         torch.device(args.device),
@@ -319,6 +319,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sizes", default="tiny,small", help="rlhf.models sizes: tiny, small, 0.5b"
     )
+    parser.add_argument(
+        "--tokenizer",
+        default="bpe",
+        choices=["bpe", "byte"],
+        help="model family: bpe (Qwen2, grouped-query, head_dim 32: vLLM runs at every size) "
+        "or byte (Llama; head_dim 16 at tiny, too small for vLLM's CPU attention)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads per process")
@@ -338,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     report: dict = {"bench": "serving", "device": args.device, "threads": args.threads,
+                    "family": args.tokenizer,
                     "max_new_tokens": args.max_new_tokens, "prompts": args.prompts, "passes": args.passes}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes.split(","):

@@ -208,6 +208,7 @@ def test_hot_swap_under_16_streams_fails_nothing(kind: str, tmp_path: Path) -> N
         "model.registry": str(registry), "engine.kind": kind, "engine.max_batch_size": "16",
         "follow.poll_registry_s": "0.5", "follow.registry_grace_s": "0",
         "runtime.host": "127.0.0.1", "runtime.port": "0", "runtime.metrics_port": "-1",
+        "runtime.http_port": "-1",
         "limits.max_input_tokens": "128", "limits.max_new_tokens": "64",
     }  # fmt: skip
     if kind == "vllm":

@@ -307,6 +307,9 @@ class NativeEngine:
                         self._fail(gen, "internal", "generation failed inside the engine")
                 self._flush()
                 with self._cond:
+                    for policy, batch in list(self._batches.items()):
+                        if batch.retired and batch.empty():
+                            del self._batches[policy]  # unloaded, its last sequence gone
                     running = sum(len(b.sequences()) for b in self._batches.values())
                     if self._idle():
                         self._cond.notify_all()  # wakes wait_idle callers
