@@ -162,6 +162,7 @@ class VLLMEngine:
         self._lock = threading.Condition()
         self._running: dict[Generation, asyncio.Task[None]] = {}
         self._policies: dict[str, VLLMPolicy] = {}
+        self._starting: set[VLLMPolicy] = set()
         self._stopping = False
         self._python: Path | None = None
 
@@ -233,18 +234,26 @@ class VLLMEngine:
             f"http://127.0.0.1:{port}", process, log_path,
         )  # fmt: skip
         log.info("starting vLLM for %s on port %d (log: %s)", version, port, log_path)
+        with self._lock:
+            self._starting.add(policy)  # stop() ends it too, even before it serves
         try:
             self._wait_serving(policy)
         except BaseException:
             self._terminate(policy)
             raise
+        finally:
+            with self._lock:
+                self._starting.discard(policy)
         with self._lock:
+            if self._stopping:
+                self._terminate(policy)
+                raise RuntimeError("the engine stopped while the version was starting")
             self._policies[version] = policy
         return policy
 
     def _wait_serving(self, policy: VLLMPolicy) -> None:
         deadline = time.monotonic() + self.config.start_timeout_s
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self._stopping:
             if policy.process.poll() is not None:
                 raise RuntimeError(
                     f"vLLM for {policy.version} exited with {policy.process.returncode}:\n"
@@ -258,6 +267,8 @@ class VLLMEngine:
                 return
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 time.sleep(0.5)
+        if self._stopping:
+            raise RuntimeError("the engine stopped while the version was starting")
         raise TimeoutError(
             f"vLLM for {policy.version} did not serve within {self.config.start_timeout_s}s"
         )
@@ -451,7 +462,7 @@ class VLLMEngine:
             with contextlib.suppress(RuntimeError):  # its loop may be closed already
                 task.get_loop().call_soon_threadsafe(task.cancel)
         with self._lock:
-            policies = list(self._policies.values())
+            policies = list(self._policies.values()) + list(self._starting)
             self._policies.clear()
         for policy in policies:
             self._terminate(policy)
