@@ -378,58 +378,74 @@ class VLLMEngine:
             self.metrics.running.set(len(self._running))
 
     async def _stream(self, policy: VLLMPolicy, gen: Generation) -> None:
+        """One request to vLLM: streamed when the client streams, else one JSON reply (a
+        chunk per token costs our event loop more than the tokens cost vLLM)."""
         samples = [SampleText.of(gen, i) for i in range(gen.n)]
         finished: set[int] = set()
-        eos = policy.eos_token_ids
+        body = request_body(policy, gen)
+        body["stream"] = gen.stream
         async with (
             aiohttp.ClientSession() as session,
-            session.post(f"{policy.url}/v1/completions", json=request_body(policy, gen)) as reply,
+            session.post(f"{policy.url}/v1/completions", json=body) as reply,
         ):
             if reply.status != 200:
                 text = await reply.text()
                 raise RuntimeError(f"vLLM answered {reply.status}: {text[:500]}")
-            async for raw in reply.content:
-                line = raw.decode().strip()
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                events: list[TokenEvent | GenerationFailed] = []
-                now = time.perf_counter()
-                choices = json.loads(data).get("choices", [])
-                if not gen.params.do_sample:  # greedy: the one sample vLLM ran, n times over
-                    choices = [dict(c, index=i) for c in choices for i in range(gen.n)]
-                for choice in choices:
-                    index = int(choice["index"])
-                    if index in finished:
+            if not gen.stream:
+                self._take(gen, samples, finished, (await reply.json()).get("choices", []))
+            else:
+                async for raw in reply.content:
+                    line = raw.decode().strip()
+                    if not line.startswith("data:"):
                         continue
-                    sample = samples[index]
-                    token_ids = choice.get("token_ids") or []
-                    logprobs = (choice.get("logprobs") or {}).get("token_logprobs") or []
-                    for i, token in enumerate(token_ids):
-                        self.metrics.first_token(gen, now)
-                        logprob = float(logprobs[i]) if i < len(logprobs) else float("nan")
-                        delta, reason = sample.push(token, logprob, token in eos)
-                        last = i == len(token_ids) - 1
-                        if reason is None and last and choice.get("finish_reason"):
-                            reason = _finish_reason(choice, sample)
-                        done = None
-                        if reason is not None:
-                            done = sample.done(reason)
-                            finished.add(index)
-                            self.metrics.sample_done(gen, done, now)
-                        if gen.stream or done is not None:
-                            events.append(TokenEvent(index, token, delta, logprob, done))
-                        self.metrics.generated.inc()
-                        if done is not None:
-                            break
-                if events:
-                    gen.deliver(events)
-                if len(finished) == gen.n:
-                    break  # leaving the stream early aborts whatever vLLM still runs
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    self._take(gen, samples, finished, json.loads(data).get("choices", []))
+                    if len(finished) == gen.n:
+                        break  # leaving the stream early aborts whatever vLLM still runs
         if len(finished) < gen.n:
             raise RuntimeError(f"vLLM ended the stream with {gen.n - len(finished)} samples open")
+
+    def _take(
+        self,
+        gen: Generation,
+        samples: list[SampleText],
+        finished: set[int],
+        choices: list[dict[str, Any]],
+    ) -> None:
+        """Feeds vLLM's tokens through our own text rules and hands the events over."""
+        events: list[TokenEvent | GenerationFailed] = []
+        now = time.perf_counter()
+        eos = gen.policy.eos_token_ids
+        if not gen.params.do_sample:  # greedy: the one sample vLLM ran, n times over
+            choices = [dict(c, index=i) for c in choices for i in range(gen.n)]
+        for choice in choices:
+            index = int(choice["index"])
+            if index in finished:
+                continue
+            sample = samples[index]
+            token_ids = choice.get("token_ids") or []
+            logprobs = (choice.get("logprobs") or {}).get("token_logprobs") or []
+            for i, token in enumerate(token_ids):
+                self.metrics.first_token(gen, now)
+                logprob = float(logprobs[i]) if i < len(logprobs) else float("nan")
+                delta, reason = sample.push(token, logprob, token in eos)
+                last = i == len(token_ids) - 1
+                if reason is None and last and choice.get("finish_reason"):
+                    reason = _finish_reason(choice, sample)
+                done = None
+                if reason is not None:
+                    done = sample.done(reason)
+                    finished.add(index)
+                    self.metrics.sample_done(gen, done, now)
+                if gen.stream or done is not None:
+                    events.append(TokenEvent(index, token, delta, logprob, done))
+                if done is not None:
+                    break
+            self.metrics.generated.inc(len(token_ids))
+        if events:
+            gen.deliver(events)
 
     def _fail(self, gen: Generation, reason: str, message: str) -> None:
         if gen.failed:
