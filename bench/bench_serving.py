@@ -82,7 +82,7 @@ def start_server(
     cmd = [
         sys.executable, "-m", "rlhf", "serve", "policy", "--engine.kind", kind,
         "--model.path", str(model_path), "--model.device", args.device, "--model.dtype", args.dtype,
-        "--runtime.host", "127.0.0.1", "--runtime.port", str(port), "--runtime.metrics-port", "-1", "--runtime.http-port", "-1",
+        "--runtime.host", "127.0.0.1", "--runtime.port", str(port), "--runtime.metrics-port", "-1",
         "--engine.max-batch-size", "32", "--engine.torch-threads", str(args.threads),
         "--limits.max-new-tokens", str(max(args.max_new_tokens, 64)),
         "--limits.max-input-tokens", "448",
