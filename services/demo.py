@@ -47,6 +47,11 @@ from trainer.simulator import (
 
 log = logging.getLogger("rlhf.demo")
 ROOT = Path(__file__).resolve().parents[1]
+# API keys of the demo's feedback gateway: two for people at the labeling workbench, one for
+# the simulated labeler client.
+WORKBENCH_KEYS = ("labeler-key-1", "labeler-key-2")
+CLIENT_KEY = "demo-client-key"
+GATEWAY_KEYS = "; ".join(f"{key} feedback" for key in (*WORKBENCH_KEYS, CLIENT_KEY))
 
 
 @dataclass(frozen=True)
@@ -279,10 +284,16 @@ def run(cfg: DemoConfig) -> int:
             "--runtime.port", str(ports["reward"][0]), "--runtime.metrics-port", str(ports["reward"][1]),
             "--runtime.http-port", str(ports["reward"][2]), *common,
         ], logs))  # fmt: skip
+        # The workbench queues half of the simulated labeler's tasks for a second labeler (a
+        # person at the page, who then sees their agreement with it), least certain first.
         procs.append(Process("feedback", [
             "serve", "feedback", "--kafka.bootstrap-servers", bs, "--runtime.port",
             str(ports["feedback"][0]), "--runtime.metrics-port", str(ports["feedback"][1]),
-            "--runtime.http-port", str(ports["feedback"][2]), *common,
+            "--runtime.http-port", str(ports["feedback"][2]), "--runtime.api-keys", GATEWAY_KEYS,
+            "--workbench.policy-target", f"127.0.0.1:{ports['policy'][0]}",
+            "--workbench.reward-target", f"127.0.0.1:{ports['reward'][0]}",
+            "--workbench.order", "uncertainty", "--workbench.overlap", "0.5",
+            "--workbench.max-new-tokens", str(cfg.max_new_tokens), *common,
         ], logs))  # fmt: skip
         procs.append(Process("trainer", [
             "train", "--bootstrap-servers", bs, "--registry", str(registry), "--base-model", str(base),
@@ -299,6 +310,11 @@ def run(cfg: DemoConfig) -> int:
             f"HTTP: OpenAI/TGI http://127.0.0.1:{ports['policy'][2]}/v1 (model 'policy'), "
             f"scoring http://127.0.0.1:{ports['reward'][2]}/v1/score, "
             f"feedback http://127.0.0.1:{ports['feedback'][2]}/v1/feedback/comparisons",
+            flush=True,
+        )
+        print(
+            f"Labeling workbench: http://127.0.0.1:{ports['feedback'][2]}/workbench/ "
+            f"(sign in with API key {' or '.join(WORKBENCH_KEYS)})",
             flush=True,
         )
 
@@ -361,6 +377,7 @@ def label_loop(
     ):
         policy = inference_pb2_grpc.InferenceServiceStub(pc)
         feedback = feedback_pb2_grpc.FeedbackServiceStub(fc)
+        auth = [("authorization", f"Bearer {CLIENT_KEY}")]
         i = 0
         while not stop.is_set():
             (prompt,) = make_prompts(sentences, 1, seed=cfg.seed + i, start=i)
@@ -383,7 +400,7 @@ def label_loop(
             try:
                 ranking = labeler.rank(prompt, user, sample, cfg.k)
                 if ranking is not None:
-                    feedback.SubmitComparison(ranking.to_request(), timeout=30)
+                    feedback.SubmitComparison(ranking.to_request(), metadata=auth, timeout=30)
                     with summary.lock:
                         summary.rankings += 1
                 if i % cfg.demonstration_every == 0:
@@ -391,7 +408,7 @@ def label_loop(
                         s for s in (sentences[(i * 7 + j) % len(sentences)] for j in range(4))
                     ]
                     demo = labeler.demonstrate(prompt, user, drafts)
-                    feedback.SubmitDemonstration(demo.to_request(), timeout=30)
+                    feedback.SubmitDemonstration(demo.to_request(), metadata=auth, timeout=30)
                     with summary.lock:
                         summary.demonstrations += 1
             except grpc.RpcError as exc:

@@ -23,6 +23,8 @@ from services.feedback import http
 from services.feedback.config import GatewayConfig, LimitsConfig
 from services.feedback.gateway import FeedbackGateway, Submitted, open_gateway
 from services.feedback.validate import Rejection
+from services.feedback.workbench import add_workbench
+from services.feedback.workbench.config import WorkbenchConfig
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,10 @@ class FeedbackServerConfig(GatewayConfig):
         60.0,
         "while Kafka is unreachable at start, a warning is logged this often; the gateway "
         "serves health (NOT_SERVING) meanwhile and keeps retrying",
+    )
+    workbench: WorkbenchConfig = field(
+        default_factory=WorkbenchConfig,
+        metadata={"help": "the labelers' workbench page on the HTTP port"},
     )
 
 
@@ -155,7 +161,10 @@ def add_servicers(
         runtime.on_stop(lambda: asyncio.to_thread(app.close))
         servicer = FeedbackServicer(app.gateway, config.limits)
         feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(servicer, server)
-        http.add_routes(HttpDoor(runtime, style=Style.GOOGLE), app.gateway, servicer, config.limits)
+        door = HttpDoor(runtime, style=Style.GOOGLE)
+        http.add_routes(door, app.gateway, servicer, config.limits)
+        if config.workbench.enabled:
+            add_workbench(door, runtime, app.gateway, config.workbench, config, registry)
 
     return add
 
