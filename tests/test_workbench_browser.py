@@ -45,6 +45,11 @@ ARTIFACTS = Path(os.environ.get("RLHF_TEST_ARTIFACTS", ROOT / ".rlhf" / "artifac
 KEYS = "alice-key feedback; bob-key feedback; reader-key infer"
 WAIT_S = 60.0
 FLAG = events_pb2.ResponseFlag.Value
+PARIS = "Paris is the capital of France."
+SEINE = "France's capital: Paris, on the Seine."
+LYON = "I think it is Lyon."
+PHONE = "Call 555-0100 to ask."
+LARGE = "Capital cities are large."
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +81,19 @@ def browser() -> Iterator[WebDriver]:
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                  "--window-size=1280,1400", "--lang=en-US"):  # fmt: skip
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(
         options=options, service=Service(executable_path=tools["CHROMEDRIVER_BIN"])
     )
     driver.implicitly_wait(0)
     yield driver
+    # No script error in the whole session (refused keys show up as 401/403 responses only).
+    errors = [
+        entry["message"] for entry in driver.get_log("browser")
+        if entry["level"] == "SEVERE" and "the server responded with a status of 40" not in entry["message"]
+    ]  # fmt: skip
     driver.quit()
+    assert errors == []
 
 
 def wait(driver: WebDriver, condition: Any, what: str) -> Any:
@@ -120,6 +132,15 @@ def board(driver: WebDriver) -> dict[str, int]:
     return ranks
 
 
+def drag(driver: WebDriver, generation_id: str, zone: str) -> None:
+    """Drags a response by its handle with the mouse and drops it on ``zone`` (a CSS selector),
+    found once the drag started: the gaps between rows open up while dragging."""
+    handle = card(driver, generation_id).find_element(By.CSS_SELECTOR, ".handle")
+    ActionChains(driver, duration=50).click_and_hold(handle).move_by_offset(0, 8).perform()
+    target = driver.find_element(By.CSS_SELECTOR, zone)
+    ActionChains(driver, duration=50).move_to_element(target).release().perform()
+
+
 def open_fresh(driver: WebDriver, url: str) -> None:
     """The page with nobody signed in (session storage cleared)."""
     driver.get(url)
@@ -141,9 +162,7 @@ def stored_comparison(bootstrap: str, key: str) -> list[events_pb2.ComparisonEve
 def task_texts(broker: LocalKafka) -> dict[str, str]:
     """One served request with K = 5 responses: the task both labelers rank."""
     run = uuid.uuid4().hex[:6]
-    texts = ["Paris is the capital of France.", "I think it is Lyon.",
-             "France's capital: Paris, on the Seine.", "Call 555-0100 to ask.",
-             "Capital cities are large."]  # fmt: skip
+    texts = [PARIS, LYON, SEINE, PHONE, LARGE]
     generation = served(f"[{run}] What is the capital of France?", texts, version="policy-v9")
     publish(broker.bootstrap_servers, generation)
     return {s.generation_id: s.text for s in generation.samples}
@@ -170,27 +189,32 @@ def test_rank_with_the_mouse_a_tie_and_flags_then_read_it_back_from_kafka(
         browser, lambda d: visible(d, "task") and set(shown_order(d)) == set(task_texts), "the task"
     )
     task_id = browser.find_element(By.ID, "task").get_attribute("data-task-id")
-    a, b, c, d, e = shown_order(browser)  # each in its own row: ranks 1..5
-    actions = ActionChains(browser, duration=50)
-    handle = lambda gid: card(browser, gid).find_element(By.CSS_SELECTOR, ".handle")  # noqa: E731
-    # e onto b's row: a tie at rank 2. Then d into the gap above everything: alone at rank 1.
-    actions.click_and_hold(handle(e)).move_to_element(card(browser, b)).release().perform()
-    wait(browser, lambda dr: board(dr)[e] == board(dr)[b], "the tie")
-    top_gap = browser.find_element(By.CSS_SELECTOR, '.gap[data-position="0"]')
-    actions.click_and_hold(handle(d)).move_to_element(top_gap).perform()
-    # The gaps open up while dragging: aim at the top gap where it is now.
-    actions.move_to_element(browser.find_element(By.CSS_SELECTOR, '.gap[data-position="0"]'))
-    actions.release().perform()
-    wait(browser, lambda dr: board(dr)[d] == 1, "d at the top")
-    expected = {d: 1, a: 2, b: 3, e: 3, c: 4}
+    gid = {text: g for g, text in task_texts.items()}
+    paris, seine, lyon = gid[PARIS], gid[SEINE], gid[LYON]
+    phone, large = gid[PHONE], gid[LARGE]
+    # Whatever order the page shows, build the ranking top down: the first response of each
+    # row dropped into the gap below the rows built so far, the others onto their row (a tie).
+    target = [[paris, seine], [large], [lyon], [phone]]
+    for row, members in enumerate(target):
+        drag(browser, members[0], f'.gap[data-position="{row}"]')
+        wait(browser, lambda dr, g=members[0], r=row: board(dr)[g] == r + 1, "a new row")
+        for other in members[1:]:
+            drag(browser, other, f'.tier[data-rank="{row + 1}"]')
+            wait(browser, lambda dr, g=other, r=row: board(dr)[g] == r + 1, "a tie")
+    expected = {paris: 1, seine: 1, large: 2, lyon: 3, phone: 4}
     assert board(browser) == expected
     # Quick judgements: quality scores and flags (one of them under "More flags").
-    Select(card(browser, a).find_element(By.CSS_SELECTOR, "select.quality")).select_by_value("6")
-    Select(card(browser, c).find_element(By.CSS_SELECTOR, "select.quality")).select_by_value("2")
-    card(browser, c).find_element(By.CSS_SELECTOR, '[data-flag="HALLUCINATION"]').click()
-    card(browser, c).find_element(By.CSS_SELECTOR, '[data-flag="CONTAINS_PII"]').click()
-    card(browser, e).find_element(By.CSS_SELECTOR, ".more-flags summary").click()
-    card(browser, e).find_element(By.CSS_SELECTOR, '[data-flag="EXPRESSES_OPINION"]').click()
+    for g, quality in ((paris, "7"), (seine, "6"), (lyon, "2")):
+        Select(card(browser, g).find_element(By.CSS_SELECTOR, "select.quality")).select_by_value(
+            quality
+        )
+    card(browser, lyon).find_element(By.CSS_SELECTOR, '[data-flag="HALLUCINATION"]').click()
+    card(browser, phone).find_element(By.CSS_SELECTOR, '[data-flag="CONTAINS_PII"]').click()
+    card(browser, phone).find_element(
+        By.CSS_SELECTOR, '[data-flag="FAILS_TO_FOLLOW_INSTRUCTION"]'
+    ).click()
+    card(browser, large).find_element(By.CSS_SELECTOR, ".more-flags summary").click()
+    card(browser, large).find_element(By.CSS_SELECTOR, '[data-flag="EXPRESSES_OPINION"]').click()
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shot = ARTIFACTS / "workbench-task.png"
@@ -208,15 +232,16 @@ def test_rank_with_the_mouse_a_tie_and_flags_then_read_it_back_from_kafka(
     [event] = stored_comparison(broker.bootstrap_servers, key)  # exactly one record
     assert event.labeler_id == labeler_id("alice-key")
     assert {r.generation_id: r.rank for r in event.responses} == expected
-    assert {r.generation_id: r.text for r in event.responses}[a] == task_texts[a]
+    assert {r.generation_id: r.text for r in event.responses} == task_texts
     assert {r.model_version for r in event.responses} == {"policy-v9"}
     quality = {r.generation_id: r.quality for r in event.responses}
-    assert quality == {a: 6, b: 0, c: 2, d: 0, e: 0}
+    assert quality == {paris: 7, seine: 6, large: 0, lyon: 2, phone: 0}
     flags = {r.generation_id: sorted(r.flags) for r in event.responses}
     assert flags == {
-        a: [], b: [], d: [],
-        c: sorted([FLAG("RESPONSE_FLAG_HALLUCINATION"), FLAG("RESPONSE_FLAG_CONTAINS_PII")]),
-        e: [FLAG("RESPONSE_FLAG_EXPRESSES_OPINION")],
+        paris: [], seine: [],
+        large: [FLAG("RESPONSE_FLAG_EXPRESSES_OPINION")],
+        lyon: [FLAG("RESPONSE_FLAG_HALLUCINATION")],
+        phone: sorted([FLAG("RESPONSE_FLAG_CONTAINS_PII"), FLAG("RESPONSE_FLAG_FAILS_TO_FOLLOW_INSTRUCTION")]),
     }  # fmt: skip
 
 
