@@ -238,6 +238,43 @@ def test_uncertainty_order_follows_the_reward_models_own_scores(
     assert handed.json()["task"]["task_id"] == first
 
 
+def test_a_chat_conversation_is_a_task_and_its_ranking_keeps_the_turns(
+    broker: LocalKafka, gateway: Gateway
+) -> None:
+    run = f"[{uuid.uuid4().hex[:6]}]"
+    turns = [("system", "Answer in one word."), ("user", f"{run} Best color?")]
+    generation = served("", ["Blue.", "Red.", "Green.", "Gold."], user="user-chat")
+    generation.messages.extend(inference_pb2.ChatMessage(role=r, content=c) for r, c in turns)
+    publish(broker.bootstrap_servers, generation)
+
+    def listed() -> dict[str, Any] | None:
+        reply = httpx2.get(f"{gateway.url}/v1/workbench/queue?limit=200", headers=auth("alice-key"))
+        return next((t for t in reply.json()["tasks"] if run in str(t["messages"])), None)
+
+    task = wait_for(listed, "the chat task")
+    assert task["prompt"] == "" and [(m["role"], m["content"]) for m in task["messages"]] == turns
+    # This reward model has no chat template: the task is not scored, and it says why.
+    assert task["reward_gap"] is None and task["unscored"]
+    ranking = [{"generation_id": r["generation_id"], "rank": 1 if r["text"] == "Blue." else 2}
+               for r in task["responses"]]  # fmt: skip
+    reply = httpx2.post(f"{gateway.url}/v1/workbench/tasks/{task['task_id']}/submit",
+                        json={"ranking": ranking}, headers=auth("alice-key"), timeout=30)  # fmt: skip
+    assert reply.status_code == 200, reply.text
+    [event] = [
+        r.value for r in read_events(broker.bootstrap_servers, [topics.COMPARISONS])
+        if r.value.event_id == reply.json()["comparison"]["event_id"]  # type: ignore[attr-defined]
+    ]  # fmt: skip
+    assert isinstance(event, events_pb2.ComparisonEvent)
+    assert event.prompt == "" and [(m.role, m.content) for m in event.messages] == turns
+    assert {r.text: r.rank for r in event.responses} == {
+        "Blue.": 1,
+        "Red.": 2,
+        "Green.": 2,
+        "Gold.": 2,
+    }
+    assert event.user_id == "user-chat"
+
+
 def test_a_task_generated_on_demand_carries_real_generation_ids_and_judgements_reach_kafka_once(
     broker: LocalKafka, gateway: Gateway, policy: str
 ) -> None:

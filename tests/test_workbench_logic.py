@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from rlhf.v1 import events_pb2
+from rlhf.v1 import events_pb2, inference_pb2
 from services.feedback.validate import FLAGS
 from services.feedback.workbench.ledger import Agreement, Ledger, pair_agreement
 from services.feedback.workbench.routes import (
@@ -172,7 +172,7 @@ def test_served_traffic_becomes_tasks_or_prompts_to_generate_for() -> None:
     assert len(tasks) == 0
     tasks.add_generation(served("p2", "a", "b", "c", "d", "e"), now)
     assert len(tasks) == 1
-    assert tasks.take_prompt() == ("p1", "u")
+    assert tasks.take_prompt() == ("p1", (), "u")
     assert tasks.take_prompt() is None  # each prompt once
     tasks.add_generation(served("p1", "x"), now)  # already generated for: not again
     assert tasks.take_prompt() is None
@@ -180,6 +180,29 @@ def test_served_traffic_becomes_tasks_or_prompts_to_generate_for() -> None:
         tasks.add_generation(served(f"q{i}", "a", "b", "c", "d"), now)
     assert len(tasks) == 3
     assert len(distinct_responses([(str(i), f"t{i}") for i in range(12)], "v")) == 9
+
+
+def test_chat_traffic_becomes_tasks_with_their_conversation() -> None:
+    clock = Clock()
+    tasks = pool(clock)
+    now = int(clock.now * 1000)
+    chat = events_pb2.ServedGeneration(
+        model_version="v1", user_id="u", created_at_ms=now,
+        messages=[inference_pb2.ChatMessage(role="system", content="Be brief."),
+                  inference_pb2.ChatMessage(role="user", content="Hi?")],
+        samples=[events_pb2.GeneratedSample(generation_id=f"c{i}", text=f"hello {i}") for i in range(4)],
+    )  # fmt: skip
+    tasks.add_generation(chat, now)
+    [task] = tasks.candidates("ann")
+    assert task.prompt == "" and task.messages == (("system", "Be brief."), ("user", "Hi?"))
+    # A conversation with one response waits for an on-demand generation, turns and all.
+    single = events_pb2.ServedGeneration(
+        model_version="v1", user_id="u2", created_at_ms=now,
+        messages=[inference_pb2.ChatMessage(role="user", content="Why?")],
+        samples=[events_pb2.GeneratedSample(generation_id="s0", text="because")],
+    )  # fmt: skip
+    tasks.add_generation(single, now)
+    assert tasks.take_prompt() == ("", (("user", "Why?"),), "u2")
 
 
 def test_top_two_gap_and_keys() -> None:

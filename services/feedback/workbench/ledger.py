@@ -1,6 +1,6 @@
 """What labelers did: tasks per labeler today, and inter-labeler agreement.
 
-Agreement is the paper's: on prompts that two labelers ranked, the share of comparisons on
+Agreement is the paper's: on prompts (or conversations) that two labelers ranked, the share of comparisons on
 which they agree. A ranking of K responses makes a comparison of every pair it orders; for
 two rankings of one prompt, each pair of responses both of them order (the same generation
 id, or the same text) is one comparison, agreed when both prefer the same response. A pair
@@ -25,6 +25,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from rlhf.chat import prompt_of, prompt_text
 from rlhf.v1 import events_pb2
 
 RANKINGS_PER_PROMPT = 8
@@ -74,8 +75,10 @@ def pair_agreement(a: Mapping[str, int], b: Mapping[str, int]) -> Agreement:
     return Agreement(agreed, compared)
 
 
-def _prompt_key(prompt: str) -> str:
-    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:32]
+def _prompt_key(event: events_pb2.ComparisonEvent | events_pb2.DemonstrationEvent) -> str:
+    """One prompt or conversation, one key."""
+    text = prompt_text(prompt_of(event.prompt, event.messages))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
 class Ledger:
@@ -99,7 +102,7 @@ class Ledger:
         return int(self._clock() * 1000)
 
     def add_comparison(self, event: events_pb2.ComparisonEvent) -> None:
-        key = _prompt_key(event.prompt)
+        key = _prompt_key(event)
         self._note(event.labeler_id, event.event_id, event.created_at_ms, "ranking", key)
         if event.created_at_ms < self._now_ms() - self._window_ms:
             return
@@ -130,7 +133,7 @@ class Ledger:
                 self._by_prompt.popitem(last=False)
 
     def add_demonstration(self, event: events_pb2.DemonstrationEvent) -> None:
-        key = _prompt_key(event.prompt)
+        key = _prompt_key(event)
         self._note(event.labeler_id, event.event_id, event.created_at_ms, "demonstration", key)
 
     def _note(self, labeler: str, event_id: str, created_ms: int, kind: str, key: str) -> None:

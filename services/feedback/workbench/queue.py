@@ -9,8 +9,8 @@ reward-model version; one request scores at most ``score_window`` unscored tasks
 first), so the work per request is bounded whatever the queue holds. When the reward server
 fails, the order falls back to ``recent`` and says why.
 
-When no task is open, a recent served prompt that never had one (traffic asks for n = 1) is
-sent to the policy server with n = K, under the original user id so the split stays the
+When no task is open, a recent served prompt (or conversation) that never had one (traffic
+asks for n = 1) is sent to the policy server with n = K, under the original user id so the split stays the
 user's; the policy server publishes the K samples to ``rlhf.prompts`` as for any caller, so
 the gateway resolves their generation ids like any others.
 """
@@ -27,7 +27,13 @@ import grpc
 from rlhf.pii import Redactor
 from rlhf.v1 import inference_pb2, inference_pb2_grpc, reward_pb2, reward_pb2_grpc
 from services.feedback.workbench.config import WorkbenchConfig
-from services.feedback.workbench.tasks import Response, Task, TaskPool, distinct_responses
+from services.feedback.workbench.tasks import (
+    Response,
+    Task,
+    TaskPool,
+    Turns,
+    distinct_responses,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +63,14 @@ class Upstream:
                 self._channels[target] = grpc.aio.insecure_channel(target)
         return self._channels[target]
 
-    async def generate(self, prompt: str, user_id: str) -> inference_pb2.GenerateResponse:
+    async def generate(
+        self, prompt: str, messages: Turns, user_id: str
+    ) -> inference_pb2.GenerateResponse:
         config = self._config
         stub = inference_pb2_grpc.InferenceServiceStub(self._channel(config.policy_target))
         request = inference_pb2.GenerateRequest(
             prompt=prompt,
+            messages=_chat(messages),
             n=config.k,
             user_id=user_id,
             parameters=inference_pb2.GenerationParameters(
@@ -75,10 +84,15 @@ class Upstream:
         )
         return reply
 
-    async def score(self, prompt: str, texts: list[str]) -> reward_pb2.ScoreResponse:
+    async def score(self, task: Task) -> reward_pb2.ScoreResponse:
         stub = reward_pb2_grpc.RewardServiceStub(self._channel(self._config.reward_target))
+        request = reward_pb2.ScoreRequest(
+            prompt=task.prompt,
+            messages=_chat(task.messages),
+            responses=[r.text for r in task.responses],
+        )
         reply: reward_pb2.ScoreResponse = await stub.Score(
-            reward_pb2.ScoreRequest(prompt=prompt, responses=texts),
+            request,
             metadata=self._metadata,
             timeout=self._config.call_timeout_s,
         )
@@ -88,6 +102,10 @@ class Upstream:
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
+
+
+def _chat(messages: Turns) -> list[inference_pb2.ChatMessage]:
+    return [inference_pb2.ChatMessage(role=role, content=content) for role, content in messages]
 
 
 def _failure(what: str, exc: grpc.aio.AioRpcError) -> str:
@@ -127,18 +145,33 @@ class LabelingQueue:
         return ranked, "uncertainty"
 
     async def _score(self, tasks: list[Task]) -> None:
-        stale = [t for t in tasks if t.rewards is None or t.reward_version != self._rm_version]
-        todo = stale[: self._config.score_window]
+        """Scores the newest tasks not scored by the current reward model. A task the reward
+        server refuses (INVALID_ARGUMENT: a conversation for a model without a chat template,
+        a text over its limits) stays unscored, last in the order; any other failure means the
+        server itself is in trouble and is raised."""
+        stale = [
+            t
+            for t in tasks
+            if t.reward_version != self._rm_version or (t.rewards is None and not t.unscorable)
+        ]
         slots = asyncio.Semaphore(SCORE_CONCURRENCY)
 
         async def one(task: Task) -> None:
             async with slots:
-                reply = await self._upstream.score(task.prompt, [r.text for r in task.responses])
+                try:
+                    reply = await self._upstream.score(task)
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                        raise
+                    task.rewards, task.reward_version = None, self._rm_version
+                    task.unscorable = str(exc.details())
+                    return
             task.rewards = tuple(reply.rewards)
             task.reward_version = reply.model_version
+            task.unscorable = ""
             self._rm_version = reply.model_version
 
-        await asyncio.gather(*(one(t) for t in todo))
+        await asyncio.gather(*(one(t) for t in stale[: self._config.score_window]))
 
     async def next(self, labeler: str) -> tuple[Task | None, str]:
         """The task to show ``labeler`` (leased to them) and a note on where it came from."""
@@ -164,14 +197,19 @@ class LabelingQueue:
                 return generated, "generated"
         return None, "the policy server gave too few distinct responses; ask again"
 
-    async def _generate(self, prompt: str, user_id: str) -> Task | None:
-        reply = await self._upstream.generate(prompt, user_id)
+    async def _generate(self, prompt: str, messages: Turns, user_id: str) -> Task | None:
+        reply = await self._upstream.generate(prompt, messages, user_id)
         # Shown as the gateway will store them: with PII redacted.
         samples = [(s.generation_id, self._redactor.redact(s.text)[0]) for s in reply.samples]
         responses: tuple[Response, ...] = distinct_responses(samples, reply.model_version)
         if len(responses) < self._config.min_k:
             return None
         task = self._pool.add_task(
-            prompt, user_id, responses, int(time.time() * 1000), source="generated"
+            prompt,
+            user_id,
+            responses,
+            int(time.time() * 1000),
+            source="generated",
+            messages=messages,
         )
         return task

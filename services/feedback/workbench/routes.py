@@ -32,7 +32,7 @@ from aiohttp import web
 from rlhf.auth import presented_key
 from rlhf.http import Fields, HttpDoor, HttpError, invalid, json_response, read_json
 from rlhf.runtime import Scope
-from rlhf.v1 import events_pb2, feedback_pb2
+from rlhf.v1 import events_pb2, feedback_pb2, inference_pb2
 from services.feedback.config import LimitsConfig
 from services.feedback.gateway import FeedbackGateway, Submitted
 from services.feedback.validate import MAX_QUALITY, validate_demonstration
@@ -40,7 +40,7 @@ from services.feedback.workbench.config import WorkbenchConfig
 from services.feedback.workbench.ledger import Agreement, Ledger
 from services.feedback.workbench.metrics import WorkbenchMetrics
 from services.feedback.workbench.queue import LabelingQueue
-from services.feedback.workbench.tasks import Task, TaskPool
+from services.feedback.workbench.tasks import Task, TaskPool, ask_key
 
 STATIC = Path(__file__).parent / "static"
 PAGES = {
@@ -101,7 +101,13 @@ def task_of_key(key: str) -> str | None:
 def user_of(task: Task) -> str:
     """The user id the task's events carry: the served request's (it decides the split), or
     one derived from the prompt as the importer does."""
-    return task.user_id or f"prompt:{hashlib.sha256(task.prompt.encode()).hexdigest()[:16]}"
+    if task.user_id:
+        return task.user_id
+    return f"prompt:{hashlib.sha256(ask_key(task.prompt, task.messages).encode()).hexdigest()[:16]}"
+
+
+def chat(task: Task) -> list[inference_pb2.ChatMessage]:
+    return [inference_pb2.ChatMessage(role=role, content=text) for role, text in task.messages]
 
 
 def flag_value(name: str, where: str) -> events_pb2.ResponseFlag.ValueType:
@@ -207,6 +213,7 @@ class WorkbenchRoutes:
         return {
             "task_id": task.task_id,
             "prompt": task.prompt,
+            "messages": [{"role": role, "content": text} for role, text in task.messages],
             "source": task.source,
             "k": len(task.responses),
             "responses": [
@@ -220,6 +227,7 @@ class WorkbenchRoutes:
             ],
             "reward_gap": task.gap,
             "reward_model_version": task.reward_version or None,
+            "unscored": task.unscorable or None,
             "labels": len(task.labelers),
             "needed": task.needed,
             "created_at_ms": task.created_at_ms,
@@ -291,6 +299,7 @@ class WorkbenchRoutes:
             ranks.append(rank)
         return feedback_pb2.ComparisonRequest(
             prompt=task.prompt,
+            messages=chat(task),
             responses=refs,
             ranks=ranks,
             labeler_id=labeler,
@@ -312,6 +321,7 @@ class WorkbenchRoutes:
         if text:
             demonstration = feedback_pb2.DemonstrationRequest(
                 prompt=task.prompt,
+                messages=chat(task),
                 response=text,
                 labeler_id=labeler,
                 user_id=user_of(task),

@@ -1,8 +1,8 @@
 """The labeling queue: tasks built from served traffic, leased to one labeler at a time.
 
-A task is one prompt with K = min_k..9 distinct responses the policy server served for it in
-one request (their generation ids, texts and the version that produced them), read from
-``rlhf.prompts``. A served request with fewer distinct responses (an application asking for
+A task is one prompt (or chat conversation) with K = min_k..9 distinct responses the policy
+server served for it in one request (their generation ids, texts and the version that produced
+them), read from ``rlhf.prompts``. A served request with fewer distinct responses (an application asking for
 one) leaves its prompt in a pool from which a task can be generated on demand (n = K from the
 policy server, ``queue.py``); each such prompt is generated for at most once.
 
@@ -27,11 +27,20 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from rlhf.chat import Message, prompt_of, prompt_text
 from rlhf.v1 import events_pb2
 
 MAX_K = 9
 # Tasks a labeler skipped, remembered per labeler (oldest forgotten first).
 MAX_SKIPS = 1000
+
+# A conversation as (role, content) turns; empty for a plain prompt.
+Turns = tuple[tuple[str, str], ...]
+
+
+def ask_key(prompt: str, messages: Turns) -> str:
+    """One text for a prompt or a conversation (task ids, the prompt pool, the ledger)."""
+    return prompt_text(prompt_of(prompt, [Message(role, content) for role, content in messages]))
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,7 @@ class Response:
 class Task:
     task_id: str
     prompt: str
+    messages: Turns  # the conversation instead of ``prompt``, for chat traffic
     user_id: str
     responses: tuple[Response, ...]
     created_at_ms: int
@@ -56,6 +66,7 @@ class Task:
     # Reward-model scores of the responses and the RM version, for the uncertainty order.
     rewards: tuple[float, ...] | None = None
     reward_version: str = ""
+    unscorable: str = ""  # why the reward server refused the task (e.g. no chat template)
 
     @property
     def gap(self) -> float | None:
@@ -94,6 +105,8 @@ def distinct_responses(
 
 @dataclass
 class _Prompt:
+    prompt: str
+    messages: Turns
     user_id: str
     created_at_ms: int
 
@@ -133,21 +146,28 @@ class TaskPool:
         """A served request from ``rlhf.prompts``: a task when it has min_k distinct
         responses, else its prompt waits for an on-demand generation."""
         created = generation.created_at_ms or timestamp_ms
-        if created < self._clock() * 1000 - self._lookback_ms or not generation.prompt.strip():
+        messages = tuple((m.role, m.content) for m in generation.messages)
+        key = ask_key(generation.prompt, messages)
+        if created < self._clock() * 1000 - self._lookback_ms or not key.strip():
             return
         responses = distinct_responses(
             ((s.generation_id, s.text) for s in generation.samples), generation.model_version
         )
         if len(responses) >= self._min_k:
             self.add_task(
-                generation.prompt, generation.user_id, responses, created, source="traffic"
+                generation.prompt,
+                generation.user_id,
+                responses,
+                created,
+                source="traffic",
+                messages=messages,
             )
             return
         with self._lock:
-            if generation.prompt in self._spent:
+            if key in self._spent:
                 return
-            self._prompts[generation.prompt] = _Prompt(generation.user_id, created)
-            self._prompts.move_to_end(generation.prompt)
+            self._prompts[key] = _Prompt(generation.prompt, messages, generation.user_id, created)
+            self._prompts.move_to_end(key)
             _bound(self._prompts, self._max)
 
     def add_task(
@@ -158,9 +178,11 @@ class TaskPool:
         created_at_ms: int,
         *,
         source: str,
+        messages: Turns = (),
     ) -> Task:
         """Adds (or finds) the task of these responses; the same responses are one task."""
-        task_id = task_id_for(prompt, (r.generation_id for r in responses))
+        key = ask_key(prompt, messages)
+        task_id = task_id_for(key, (r.generation_id for r in responses))
         with self._lock:
             existing = self._tasks.get(task_id)
             if existing is not None:
@@ -168,6 +190,7 @@ class TaskPool:
             task = Task(
                 task_id=task_id,
                 prompt=prompt,
+                messages=messages,
                 user_id=user_id,
                 responses=tuple(responses),
                 created_at_ms=created_at_ms,
@@ -179,8 +202,8 @@ class TaskPool:
             self._tasks[task_id] = task
             for r in responses:
                 self._by_generation[r.generation_id] = task_id
-            self._prompts.pop(prompt, None)
-            self._spent[prompt] = None
+            self._prompts.pop(key, None)
+            self._spent[key] = None
             _bound(self._spent, self._max)
             while len(self._tasks) > self._max:
                 _, old = self._tasks.popitem(last=False)
@@ -189,17 +212,17 @@ class TaskPool:
         self._on_added(source)
         return task
 
-    def take_prompt(self) -> tuple[str, str] | None:
-        """The newest served prompt without a task, as (prompt, user id), for an on-demand
-        generation; each prompt is handed out once."""
+    def take_prompt(self) -> tuple[str, Turns, str] | None:
+        """The newest served prompt without a task, as (prompt, messages, user id), for an
+        on-demand generation; each prompt is handed out once."""
         cutoff = self._clock() * 1000 - self._lookback_ms
         with self._lock:
             while self._prompts:
-                prompt, seen = self._prompts.popitem(last=True)
-                self._spent[prompt] = None
+                key, seen = self._prompts.popitem(last=True)
+                self._spent[key] = None
                 _bound(self._spent, self._max)
                 if seen.created_at_ms >= cutoff:
-                    return prompt, seen.user_id
+                    return seen.prompt, seen.messages, seen.user_id
             return None
 
     # ------------------------------------------------------------------ labels

@@ -150,7 +150,7 @@ function loadTask(task, note) {
   state.judgements = new Map(
     task.responses.map((r) => [r.generation_id, { quality: 0, flags: new Set() }])
   );
-  $("prompt").textContent = task.prompt;
+  showPrompt(task);
   const versions = [...new Set(task.responses.map((r) => r.model_version))].join(", ");
   let meta = `Task ${task.task_id.slice(0, 8)} · ${task.k} responses · ${task.source} · ${versions}`;
   if (task.reward_gap !== null) meta += ` · reward-model gap ${task.reward_gap.toFixed(3)}`;
@@ -162,6 +162,22 @@ function loadTask(task, note) {
   render();
   const first = document.querySelector(".card");
   if (first) first.focus();
+}
+
+// A plain prompt as text; a chat conversation turn by turn, each with its role.
+function showPrompt(task) {
+  const prompt = $("prompt");
+  if (!task.messages.length) {
+    $("prompt-title").textContent = "Prompt";
+    prompt.textContent = task.prompt;
+    return;
+  }
+  $("prompt-title").textContent = "Conversation";
+  prompt.replaceChildren(
+    ...task.messages.map((m) =>
+      el("div", { class: `turn ${m.role}` }, el("span", { class: "role", text: m.role }), el("span", { text: m.content }))
+    )
+  );
 }
 
 function responseOf(id) {
