@@ -185,12 +185,12 @@ def labeler_id(key: str) -> str:
     return "labeler-" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
-def queued(gateway: Gateway, key: str, prefix: str, count: int) -> dict[str, Any]:
+def queued(url: str, key: str, prefix: str, count: int) -> dict[str, Any]:
     """The queue as ``key`` sees it, once it lists ``count`` tasks whose prompt starts with
     ``prefix`` (the gateway reads rlhf.prompts in the background)."""
 
     def listed() -> dict[str, Any] | None:
-        reply = httpx2.get(f"{gateway.url}/v1/workbench/queue?limit=200", headers=auth(key))
+        reply = httpx2.get(f"{url}/v1/workbench/queue?limit=200", headers=auth(key))
         assert reply.status_code == 200, reply.text
         body: dict[str, Any] = reply.json()
         ours = [t for t in body["tasks"] if t["prompt"].startswith(prefix)]
@@ -212,7 +212,7 @@ def test_uncertainty_order_follows_the_reward_models_own_scores(
         for i in range(5)
     ]  # fmt: skip
     publish(broker.bootstrap_servers, *generations)
-    body = queued(gateway, "alice-key", run, 5)
+    body = queued(gateway.url, "alice-key", run, 5)
     assert body["order"] == "uncertainty"
     ours = [t for t in body["tasks"] if t["prompt"].startswith(run)]
 
@@ -370,7 +370,7 @@ def test_bad_submissions_are_refused_by_name_and_store_nothing(
 ) -> None:
     run = f"[{uuid.uuid4().hex[:6]}]"
     publish(broker.bootstrap_servers, served(f"{run} Pick one.", ["red", "green", "blue", "gold"]))
-    body = queued(gateway, "alice-key", run, 1)
+    body = queued(gateway.url, "alice-key", run, 1)
     task = next(t for t in body["tasks"] if t["prompt"].startswith(run))
     ids = [r["generation_id"] for r in task["responses"]]
     url = f"{gateway.url}/v1/workbench/tasks/{task['task_id']}/submit"
@@ -425,7 +425,7 @@ def test_keys_the_page_and_agreement_between_two_labelers(
     run = f"[{uuid.uuid4().hex[:6]}]"
     publish(broker.bootstrap_servers, served(f"{run} Rank these.", ["a1", "b2", "c3", "d4"]))
     task = next(
-        t for t in queued(gateway, "alice-key", run, 1)["tasks"] if t["prompt"].startswith(run)
+        t for t in queued(gateway.url, "alice-key", run, 1)["tasks"] if t["prompt"].startswith(run)
     )
     by_text = {r["text"]: r["generation_id"] for r in task["responses"]}
     before = {k: httpx2.get(me, headers=auth(k)).json() for k in ("alice-key", "bob-key")}

@@ -38,7 +38,13 @@ from services.feedback.workbench.ledger import pair_agreement
 from services.feedback.workbench.routes import idempotency_key
 from tests.conftest import start_broker
 from tests.test_feedback_gateway import read_events
-from tests.test_workbench_api import labeler_id, publish, served, start_workbench_gateway
+from tests.test_workbench_api import (
+    labeler_id,
+    publish,
+    queued,
+    served,
+    start_workbench_gateway,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("RLHF_TEST_ARTIFACTS", ROOT / ".rlhf" / "artifacts"))
@@ -159,12 +165,15 @@ def stored_comparison(bootstrap: str, key: str) -> list[events_pb2.ComparisonEve
 
 
 @pytest.fixture(scope="module")
-def task_texts(broker: LocalKafka) -> dict[str, str]:
+def task_texts(broker: LocalKafka, workbench: str) -> dict[str, str]:
     """One served request with K = 5 responses: the task both labelers rank."""
     run = uuid.uuid4().hex[:6]
     texts = [PARIS, LYON, SEINE, PHONE, LARGE]
     generation = served(f"[{run}] What is the capital of France?", texts, version="policy-v9")
     publish(broker.bootstrap_servers, generation)
+    queued(
+        workbench.removesuffix("/workbench/"), "alice-key", f"[{run}]", 1
+    )  # read by the gateway (it reads in the background)
     return {s.generation_id: s.text for s in generation.samples}
 
 

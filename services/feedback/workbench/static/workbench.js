@@ -5,6 +5,7 @@
 "use strict";
 
 const KEY_STORE = "rlhf-workbench-key";
+const POLL_MS = 5000; // an empty queue is asked again this often
 const MAIN_FLAGS = 4; // shown on the card; the others sit under "More flags"
 
 const state = {
@@ -14,6 +15,7 @@ const state = {
   tiers: [], // tiers[i]: generation ids at rank i + 1 (more than one: a tie)
   judgements: new Map(), // generation id -> {quality, flags: Set}
   busy: false,
+  poll: null, // the timer that asks an empty queue again
   drag: null, // {id, target}
 };
 
@@ -137,9 +139,18 @@ async function nextTask(done = "") {
     $("empty-note").textContent = `${done} Nothing to label right now: ${reply.note}.`.trim();
     showOnly("empty");
     $("refresh").focus();
+    pollLater();
     return;
   }
   loadTask(reply.task, done && `${done} Next task.`);
+}
+
+// While the queue is empty (and someone is signed in), ask again now and then.
+function pollLater() {
+  clearTimeout(state.poll);
+  state.poll = setTimeout(() => {
+    if (state.key && !$("empty").hidden && !state.busy) nextTask();
+  }, POLL_MS);
 }
 
 function loadTask(task, note) {
