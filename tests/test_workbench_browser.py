@@ -76,7 +76,8 @@ def workbench(broker: LocalKafka) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[WebDriver]:
+def browser(workbench: str) -> Iterator[WebDriver]:
+    """One headless Chromium for the module, closed before the gateway stops."""
     done = subprocess.run(
         ["bash", str(ROOT / "scripts" / "browser_tools.sh")], capture_output=True, text=True
     )
@@ -93,6 +94,7 @@ def browser() -> Iterator[WebDriver]:
     )
     driver.implicitly_wait(0)
     yield driver
+    driver.get("about:blank")  # the page stops asking the gateway
     # No script error in the whole session (refused keys show up as 401/403 responses only).
     errors = [
         entry["message"] for entry in driver.get_log("browser")

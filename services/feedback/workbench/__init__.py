@@ -91,6 +91,7 @@ def add_workbench(
         [topics.PROMPTS, topics.COMPARISONS, topics.DEMONSTRATIONS],
         Feed(pool, ledger),
         client_id=f"{kafka.client_id}-workbench",
+        registry=registry,  # restarts counted; the gateway's health does not depend on it
     )
     upstream = Upstream(config)
     queue = LabelingQueue(config, pool, upstream, Redactor(gateway_config.policy.pii_kinds))
