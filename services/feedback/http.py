@@ -25,15 +25,8 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from aiohttp import web
 
-from rlhf.http import (
-    HttpDoor,
-    HttpError,
-    invalid,
-    json_response,
-    parse_proto,
-    proto_json,
-    read_json,
-)
+from rlhf.http import HttpDoor, HttpError, invalid, json_response
+from rlhf.http_json import parse_proto, proto_json, read_json
 from rlhf.runtime import Scope
 from rlhf.v1 import feedback_pb2
 from services.feedback.config import LimitsConfig

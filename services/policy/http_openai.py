@@ -36,14 +36,13 @@ from rlhf.http import (
     MODEL_VERSION_HEADER,
     REQUEST_ID_HEADER,
     EventStream,
-    Fields,
     HttpDoor,
     HttpError,
     Style,
     invalid,
     json_response,
-    read_json,
 )
+from rlhf.http_json import Fields, read_json
 from rlhf.runtime import CallError, Scope
 from rlhf.v1 import inference_pb2
 

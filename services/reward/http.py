@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from rlhf.http import HttpDoor, json_response, parse_proto, proto_json, read_json
+from rlhf.http import HttpDoor, json_response
+from rlhf.http_json import parse_proto, proto_json, read_json
 from rlhf.runtime import Scope
 from rlhf.v1 import reward_pb2
 
