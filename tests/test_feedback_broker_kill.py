@@ -66,7 +66,9 @@ def test_gateway_stores_again_after_sigkill_outage_longer_than_delivery_timeout(
             delivery_timeout_ms=DELIVERY_TIMEOUT_MS,
         ),
         resolver=ResolverConfig(wait_s=0.5),
-        runtime=FeedbackRuntimeConfig(host="127.0.0.1", port=0, metrics_port=-1, grace_s=1),
+        runtime=FeedbackRuntimeConfig(
+            host="127.0.0.1", port=0, metrics_port=-1, http_port=-1, grace_s=1
+        ),
         startup_timeout_s=60,
     )
     registry = CollectorRegistry()

@@ -380,7 +380,9 @@ def test_a_bulk_stream_over_the_item_limit_stores_nothing(broker: LocalKafka) ->
     config = FeedbackServerConfig(
         kafka=KafkaConfig(bootstrap_servers=broker.bootstrap_servers),
         limits=LimitsConfig(max_bulk_items=3),
-        runtime=FeedbackRuntimeConfig(host="127.0.0.1", port=0, metrics_port=-1, grace_s=1),
+        runtime=FeedbackRuntimeConfig(
+            host="127.0.0.1", port=0, metrics_port=-1, http_port=-1, grace_s=1
+        ),
         startup_timeout_s=60,
     )
     registry = CollectorRegistry()

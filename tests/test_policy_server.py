@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import httpx2
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -354,6 +355,22 @@ def test_queue_full_is_resource_exhausted(model_dir: Path) -> None:
                 stub.Generate(long, metadata=INFER, timeout=10)
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "max_queue" in err.value.details()
+            # The HTTP doors say so in their own shapes: 429 for OpenAI and TGI clients.
+            url = f"http://127.0.0.1:{server.runtime.http_port}"
+            auth = {"authorization": "Bearer infer-key-1"}
+            openai = httpx2.post(
+                f"{url}/v1/completions",
+                json={"model": "policy", "prompt": "busy", "max_tokens": 1500},
+                headers=auth,
+            )
+            assert openai.status_code == 429
+            assert openai.json()["error"]["type"] == "rate_limit_error"
+            tgi = httpx2.post(
+                f"{url}/generate",
+                json={"inputs": "busy", "parameters": {"max_new_tokens": 1500}},
+                headers=auth,
+            )
+            assert tgi.status_code == 429 and tgi.json()["error_type"] == "overloaded"
             running.cancel()
             next(queued)  # admitted once the slot is free
             queued.cancel()

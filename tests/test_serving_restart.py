@@ -48,6 +48,7 @@ def server(registry: Path, bootstrap: str) -> PolicyServer:
             "runtime.host": "127.0.0.1",
             "runtime.port": "0",
             "runtime.metrics_port": "-1",
+            "runtime.http_port": "-1",
             "runtime.grace_s": "1",
         },
     )
