@@ -217,17 +217,19 @@ class OpenAIRoutes:
         self, http: web.Request, call: Call, shape: _Shape, headers: dict[str, str]
     ) -> web.StreamResponse:
         events = EventStream(http, Style.OPENAI, headers)
-        await events.open()
         holdback = max((len(s) for s in shape.stop), default=1) - 1
         texts = [_StreamedText(holdback) for _ in call.generation_ids]
         finished: list[inference_pb2.Sample] = []
+        reading = False
         try:
+            await events.open()
             for index, generation_id in enumerate(call.generation_ids):
                 opening = {"role": "assistant", "content": ""} if shape.chat else None
                 text = call.request.prompt if shape.echo else ""
                 if opening is not None or text:
                     await events.send(_chunk(call, shape, index, generation_id, text, opening))
             async with contextlib.aclosing(self._servicer.stream(call)) as messages:
+                reading = True  # from here on, closing the stream cancels the generation
                 async for m in messages:
                     done = m.finished if m.HasField("finished") else None
                     if done is None:
@@ -247,6 +249,9 @@ class OpenAIRoutes:
             await events.fail(error)
         except ConnectionResetError:
             http[CODE] = grpc.StatusCode.CANCELLED.name  # the client left; generation cancelled
+        finally:
+            if not reading:
+                self._servicer.abandon(call)
         return events.response
 
 

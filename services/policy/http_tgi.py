@@ -153,10 +153,12 @@ class TgiRoutes:
         call = await self._servicer.start(request, None, stream=True)
         special = frozenset(call.policy.tokenizer.all_special_ids)
         events = EventStream(http, Style.TGI, self._headers(call))
-        await events.open()
         streamed, index = "", 0
+        reading = False
         try:
+            await events.open()
             async with contextlib.aclosing(self._servicer.stream(call)) as messages:
+                reading = True  # from here on, closing the stream cancels the generation
                 async for m in messages:
                     index += 1
                     token = _token(m.token, special)
@@ -191,6 +193,9 @@ class TgiRoutes:
             await events.fail(error)
         except ConnectionResetError:
             http[CODE] = grpc.StatusCode.CANCELLED.name  # the client left; generation cancelled
+        finally:
+            if not reading:
+                self._servicer.abandon(call)
         return events.response
 
     async def tokenize(self, http: web.Request) -> web.Response:

@@ -338,6 +338,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         )
         self._publisher.publish(event)
 
+    @staticmethod
+    def abandon(call: Call) -> None:
+        """Stops a started call whose results will not be read (its client left before
+        ``complete`` or ``stream`` began): cancels the generation, releases the version."""
+        call.gen.cancel()
+        call.lease.close()
+
     async def complete(self, call: Call) -> inference_pb2.GenerateResponse:
         """Waits for every sample of ``call``, publishes it, returns the response."""
         try:
