@@ -30,7 +30,8 @@ import grpc
 from aiohttp import web
 
 from rlhf.auth import presented_key
-from rlhf.http import Fields, HttpDoor, HttpError, invalid, json_response, read_json
+from rlhf.http import HttpDoor, HttpError, invalid, json_response
+from rlhf.http_json import Fields, read_json
 from rlhf.runtime import Scope
 from rlhf.v1 import events_pb2, feedback_pb2, inference_pb2
 from services.feedback.config import LimitsConfig
