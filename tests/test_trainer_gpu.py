@@ -1,5 +1,7 @@
-"""The trainer's rounds on CUDA (bf16 autocast): an SFT round and a PPO-ptx round publish
-checkpoints that load back on CPU. Deselected where torch sees no GPU."""
+"""The trainer's rounds on CUDA, on both model families: fp32 master weights under bf16
+autocast, an SFT round and a PPO-ptx round publish bf16 checkpoints (``publish_dtype`` auto)
+with the encoding they trained with, which load back on CPU. Deselected where torch sees no
+GPU."""
 
 from __future__ import annotations
 
@@ -7,7 +9,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
 from prometheus_client import CollectorRegistry
+from safetensors.torch import load_file
 
 from rlhf import bus, checkpoint, models
 from rlhf.v1 import events_pb2
@@ -19,8 +23,9 @@ CORPUS = Path(__file__).resolve().parents[1] / "data" / "pretrain.txt"
 
 
 @pytest.mark.gpu
-def test_sft_and_ppo_rounds_run_on_cuda(kafka, tmp_path):
-    models.init_models(models.InitConfig(out=str(tmp_path / "base")))
+@pytest.mark.parametrize("family", ["byte", "bpe"])
+def test_sft_and_ppo_rounds_run_on_cuda(kafka, tmp_path, family):
+    models.init_models(models.InitConfig(out=str(tmp_path / "base"), tokenizer=family))
     prefix = f"gpu-{uuid.uuid4().hex[:6]}."
     topics = StreamTopics.with_prefix(prefix)
     bus.ensure_topics(kafka.bootstrap_servers, [*topics.inputs(), topics.models])
@@ -45,4 +50,11 @@ def test_sft_and_ppo_rounds_run_on_cuda(kafka, tmp_path):
     versions = checkpoint.list_versions(cfg.registry, "policy")
     kinds = [checkpoint.verify(cfg.registry / "policy" / v).round_type for v in versions]
     assert kinds == ["sft", "ppo"]
-    models.load_policy(cfg.registry / "policy" / versions[-1], "cpu")
+    for version in versions:
+        path = cfg.registry / "policy" / version
+        assert {t.dtype for t in load_file(str(path / "model.safetensors")).values()} == {
+            torch.bfloat16
+        }
+        assert checkpoint.read_manifest(path).encoding["chat_template"] == (family == "bpe")
+    model, _ = models.load_policy(cfg.registry / "policy" / versions[-1], "cpu")
+    assert model.dtype == torch.float32
