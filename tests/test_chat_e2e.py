@@ -65,6 +65,7 @@ def start_gateway(bootstrap: str) -> tuple[ServerRuntime, grpc.Channel]:
     registry = CollectorRegistry()
     runtime = ServerRuntime(config.runtime, registry, component="feedback")
     runtime.start_in_thread(add_servicers(config, registry, runtime), SERVICES)
+    assert runtime.wait_serving("rlhf.v1.FeedbackService", 60)  # its index read from Kafka
     return runtime, grpc.insecure_channel(f"127.0.0.1:{runtime.port}")
 
 
