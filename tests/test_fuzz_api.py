@@ -256,7 +256,12 @@ def servers(broker: LocalKafka, tmp_path_factory: pytest.TempPathFactory) -> Ite
         kafka=KafkaConfig(bootstrap_servers=broker.bootstrap_servers, ack_timeout_s=5.0),
         resolver=ResolverConfig(wait_s=0.2),
         runtime=FeedbackRuntimeConfig(
-            host="127.0.0.1", port=0, metrics_port=-1, api_keys=f"{KEY} feedback", grace_s=1
+            host="127.0.0.1",
+            port=0,
+            metrics_port=-1,
+            http_port=-1,
+            api_keys=f"{KEY} feedback",
+            grace_s=1,
         ),
     )
     feedback_registry = CollectorRegistry()

@@ -82,7 +82,9 @@ def test_everything_waits_for_a_broker_that_is_down_at_start(
     policy.runtime.start_in_thread(policy.add_servicers, policy.services)
     gateway_config = FeedbackServerConfig(
         kafka=KafkaConfig(bootstrap_servers=bootstrap, ack_timeout_s=2.0),
-        runtime=FeedbackRuntimeConfig(host="127.0.0.1", port=0, metrics_port=-1, grace_s=1),
+        runtime=FeedbackRuntimeConfig(
+            host="127.0.0.1", port=0, metrics_port=-1, http_port=-1, grace_s=1
+        ),
     )
     gateway_metrics = CollectorRegistry()
     gateway = ServerRuntime(gateway_config.runtime, gateway_metrics, component="feedback")
