@@ -80,7 +80,7 @@ def test_ops_check_passes(ops_env: dict[str, str], tmp_path: Path) -> None:
     assert out.count("Valid: 20, Invalid: 0, Errors: 0, Skipped: 0") == 2, out
     assert out.count("Valid: 26, Invalid: 0, Errors: 0, Skipped: 8") == 2, out
     assert "skipping KafkaTopic" in out
-    assert "SUCCESS: 11 rules found" in out
+    assert "SUCCESS: 13 rules found" in out
     all_features = yaml.safe_load_all((tmp_path / "all-features-k8s-1.27.0.yaml").read_text())
     kinds = sorted({doc["kind"] for doc in all_features if doc})
     assert kinds == [

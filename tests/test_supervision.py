@@ -65,8 +65,10 @@ def test_a_failing_tail_is_restarted_reported_and_loses_nothing(kafka) -> None:
         wait_until(lambda: handled == [f"e{i}" for i in range(5)])
         assert tail.wait_caught_up(30)
         wait_until(lambda: reports.oks()[-1:] == [True])
-        assert reports.oks() == [True, False, True]
-        assert "a handler bug on e2" in reports.seen[1][1]
+        # Failing, then healthy again (healthy first too if e2 came in a later batch).
+        assert reports.oks()[-2:] == [False, True]
+        failure = next(detail for ok, detail in reports.seen if not ok)
+        assert "a handler bug on e2" in failure
         restarts = registry.get_sample_value(
             "rlhf_feedback_thread_restarts_total", {"thread": f"tail-{topic.name}"}
         )
