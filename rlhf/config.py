@@ -40,9 +40,16 @@ def option(default: Any, help: str, **kwargs: Any) -> Any:
     return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
 
 
-def section(cls: type, help: str) -> Any:
-    """A nested config dataclass field."""
-    return dataclasses.field(default_factory=cls, metadata={"help": help})
+# Environment prefix of sections every component shares (``section(..., shared=True)``):
+# ``RLHF_STREAMS__TOPIC_PREFIX`` sets ``streams.topic_prefix`` for every process at once.
+SHARED_ENV_PREFIX = "RLHF_"
+
+
+def section(cls: type, help: str, *, shared: bool = False) -> Any:
+    """A nested config dataclass field. A ``shared`` section is the same in every component:
+    besides ``<PREFIX><SECTION>__<NAME>`` it reads ``RLHF_<SECTION>__<NAME>`` from the
+    environment (the component's own variable wins), so a deployment sets it once."""
+    return dataclasses.field(default_factory=cls, metadata={"help": help, "shared": shared})
 
 
 def _leaves(cls: type, prefix: str = "") -> list[tuple[str, type, dataclasses.Field]]:
@@ -147,11 +154,15 @@ def load_config(
             if name not in leaves:
                 raise ValueError(f"{file}: unknown setting {name!r}")
             values[name] = _convert(leaves[name], raw, f"{file}: {name}")
-    if env is not None and env_prefix:
+    if env is not None:
+        shared = {f.name for f in dataclasses.fields(cls) if f.metadata.get("shared")}  # type: ignore[arg-type]
         for name, tp in leaves.items():
-            key = env_prefix + name.upper().replace(".", "__")
-            if key in env:
-                values[name] = _convert(tp, env[key], key)
+            keys = [env_prefix + name.upper().replace(".", "__")] if env_prefix else []
+            if name.split(".")[0] in shared:
+                keys.insert(0, SHARED_ENV_PREFIX + name.upper().replace(".", "__"))
+            for key in keys:  # the later, component-specific one wins
+                if key in env:
+                    values[name] = _convert(tp, env[key], key)
     for name, raw in (flags or {}).items():
         if name not in leaves:
             raise ValueError(f"unknown setting {name!r}")

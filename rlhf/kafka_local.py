@@ -316,12 +316,18 @@ def _kafka_uuid() -> str:
     return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
 
 
-def create_topics(bootstrap_servers: str, replication_factor: int = 1) -> int:
-    """``rlhf kafka topics``: creates the missing topics of ``rlhf.topics`` and says which."""
+def create_topics(bootstrap_servers: str, replication_factor: int = 1, prefix: str = "") -> int:
+    """``rlhf kafka topics``: creates the missing topics of ``rlhf.topics`` (named with the
+    deployment's ``streams.topic_prefix``) and says which."""
     from rlhf import bus
+    from rlhf.topics import Topics
 
     try:
-        created = bus.ensure_topics(bootstrap_servers, replication_factor=replication_factor)
+        created = bus.ensure_topics(
+            bootstrap_servers,
+            Topics.with_prefix(prefix).all(),
+            replication_factor=replication_factor,
+        )
     except (bus.KafkaUnavailable, bus.KafkaError) as exc:
         print(f"error: {exc}", flush=True)
         return 1
@@ -345,11 +351,16 @@ def main(argv: list[str]) -> int:
                         help="topics: the cluster (default: the local broker, 127.0.0.1:PORT)")  # fmt: skip
     parser.add_argument("--replication-factor", type=int, default=1,
                         help="topics: replicas per partition (production: 3)")  # fmt: skip
+    parser.add_argument("--streams.topic-prefix", dest="topic_prefix",
+                        default=os.environ.get("RLHF_STREAMS__TOPIC_PREFIX", ""),
+                        help="topics: the deployment's topic prefix (env RLHF_STREAMS__TOPIC_PREFIX)")  # fmt: skip
     args = parser.parse_args(argv)
     broker = LocalKafka(args.data_dir, port=args.port, controller_port=args.controller_port)
     if args.action == "topics":
         return create_topics(
-            args.bootstrap_servers or broker.bootstrap_servers, args.replication_factor
+            args.bootstrap_servers or broker.bootstrap_servers,
+            args.replication_factor,
+            args.topic_prefix,
         )
     try:
         if args.action == "status":

@@ -258,7 +258,9 @@ class ModelFollower:
         auto_promote_from_registry: bool = True,
         report: Callable[[str, bool, str], None] = lambda _name, _ok, _detail: None,
         component: str = "",
+        topic: topics.Topic = topics.MODELS,
     ) -> None:
+        """``topic``: the models topic as the deployment names it (``streams.topic_prefix``)."""
         self.states = {role: ModelState(role) for role in roles}
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -270,6 +272,7 @@ class ModelFollower:
         self._registry_grace_s = registry_grace_s
         self._auto_promote = auto_promote_from_registry
         self._report = report
+        self._topic = topic
         self._applied: set[str] = set()
         # While replaying history nobody is told about intermediate states: a restarted
         # server must load the final state's versions, not every version ever promoted.
@@ -312,7 +315,7 @@ class ModelFollower:
         assert self._bootstrap_servers
         # A group of its own: every replica reads the whole history.
         return bus.Consumer(
-            self._bootstrap_servers, [topics.MODELS],
+            self._bootstrap_servers, [self._topic],
             group_id=f"follower-{uuid.uuid4().hex[:12]}", client_id="model-follower",
             registry=self._metrics_registry,
         )  # fmt: skip

@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhf import bus, checkpoint, topics
-from rlhf.config import option
+from rlhf.config import option, section
 from rlhf.lifecycle import ROLES, Kind, published_events
+from rlhf.streams import StreamsConfig
 from rlhf.v1 import events_pb2
 
 ROLE_NAMES = ("policy", "reward")
@@ -48,6 +49,9 @@ class SeedConfig:
         "", "Kafka to announce the versions on (empty: servers find them in the registry)"
     )
     timeout_s: float = option(60.0, "how long to wait for Kafka (reading and acks)")
+    streams: StreamsConfig = section(
+        StreamsConfig, "topic names and splits, the same in every component", shared=True
+    )
 
 
 @dataclass
@@ -71,10 +75,12 @@ def announcement_id(kind: int, version: str) -> str:
     return uuid.uuid5(_ANNOUNCEMENTS, f"{Kind.Name(kind)}:{version}").hex  # type: ignore[arg-type]
 
 
-def read_announced(bootstrap_servers: str, timeout_s: float) -> Announced:
+def read_announced(
+    bootstrap_servers: str, timeout_s: float, topic: topics.Topic = topics.MODELS
+) -> Announced:
     """Reads the models topic to its end (it is small and compacted)."""
     consumer = bus.Consumer(
-        bootstrap_servers, [topics.MODELS], group_id=f"rlhf-seed-{uuid.uuid4().hex[:12]}",
+        bootstrap_servers, [topic], group_id=f"rlhf-seed-{uuid.uuid4().hex[:12]}",
         client_id="rlhf-seed",
     )  # fmt: skip
     announced = Announced()
@@ -90,7 +96,7 @@ def read_announced(bootstrap_servers: str, timeout_s: float) -> Announced:
                     return announced
     finally:
         consumer.close()
-    raise SeedError(f"could not read {topics.MODELS.name} to its end within {timeout_s:g} s")
+    raise SeedError(f"could not read {topic.name} to its end within {timeout_s:g} s")
 
 
 def _seed_version(registry: Path, base: Path, role: str) -> checkpoint.Manifest | None:
@@ -116,6 +122,7 @@ def seed_registry(
     announced: Announced | None = None,
     actor: str = "seed",
     ack_timeout_s: float = 10.0,
+    topic: topics.Topic = topics.MODELS,
 ) -> list[checkpoint.Manifest]:
     """Publishes ``<base>/policy`` and ``<base>/reward`` (e.g. from ``rlhf model init`` or a
     pretrained model) as each role's first version and announces it (see the module doc);
@@ -142,9 +149,7 @@ def seed_registry(
             event.event_id = announcement_id(event.kind, manifest.version)
             event.created_at_ms = manifest.created_at_ms
             try:
-                producer.send_sync(
-                    topics.MODELS, event, key=event.event_id, timeout_s=ack_timeout_s
-                )
+                producer.send_sync(topic, event, key=event.event_id, timeout_s=ack_timeout_s)
             except bus.PublishError as exc:
                 raise SeedError(
                     f"{manifest.version} is in the registry but its {Kind.Name(event.kind)} "
@@ -157,23 +162,25 @@ def run(cfg: SeedConfig) -> list[checkpoint.Manifest]:
     """What ``rlhf model seed`` does; raises ``SeedError`` with what to do."""
     producer = None
     announced = None
+    models_topic = cfg.streams.topics.models
     if cfg.bootstrap_servers:
         try:
-            missing = bus.missing_topics(cfg.bootstrap_servers, [topics.MODELS], cfg.timeout_s)
+            missing = bus.missing_topics(cfg.bootstrap_servers, [models_topic], cfg.timeout_s)
         except bus.KafkaUnavailable as exc:
             raise SeedError(f"{exc}; nothing was written") from exc
         if missing:
             raise SeedError(
                 f"topic {', '.join(missing)} does not exist on {cfg.bootstrap_servers}; create "
                 f"the topics with `rlhf kafka topics --bootstrap-servers "
-                f"{cfg.bootstrap_servers}` (nothing was written)"
+                f"{cfg.bootstrap_servers}` (with the same --streams.topic-prefix; nothing "
+                "was written)"
             )
-        announced = read_announced(cfg.bootstrap_servers, cfg.timeout_s)
+        announced = read_announced(cfg.bootstrap_servers, cfg.timeout_s, models_topic)
         producer = bus.Producer(cfg.bootstrap_servers, client_id="rlhf-seed")
     try:
         return seed_registry(
             Path(cfg.registry), Path(cfg.base), producer, announced=announced,
-            ack_timeout_s=cfg.timeout_s,
+            ack_timeout_s=cfg.timeout_s, topic=models_topic,
         )  # fmt: skip
     finally:
         if producer is not None:

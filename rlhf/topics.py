@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from google.protobuf.message import Message
@@ -40,3 +41,24 @@ ALL = (PROMPTS, COMPARISONS, DEMONSTRATIONS, MODELS)
 def dead_letter(topic_name: str) -> str:
     """Where records of ``topic_name`` go when they cannot be parsed."""
     return f"{topic_name}.dlq"
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The system's topics as one deployment names them: ``streams.topic_prefix`` (the same
+    for every component, ``rlhf.streams``) before each name, so deployments can share a
+    Kafka cluster. Dead-letter topics follow their topic's name."""
+
+    prompts: Topic = PROMPTS
+    comparisons: Topic = COMPARISONS
+    demonstrations: Topic = DEMONSTRATIONS
+    models: Topic = MODELS
+
+    @classmethod
+    def with_prefix(cls, prefix: str) -> Topics:
+        if not prefix:
+            return cls()
+        return cls(*(dataclasses.replace(t, name=prefix + t.name) for t in cls().all()))
+
+    def all(self) -> tuple[Topic, Topic, Topic, Topic]:
+        return (self.prompts, self.comparisons, self.demonstrations, self.models)

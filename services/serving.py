@@ -111,6 +111,7 @@ class ServingModels(Generic[M]):
         registry_dir: str,
         follow: FollowConfig,
         load: Callable[[Path], M],
+        models_topic: topics.Topic = topics.MODELS,
         warm_up: Callable[[M], None],
         metrics: CollectorRegistry,
         release: Callable[[M], None] = lambda _m: None,
@@ -122,6 +123,7 @@ class ServingModels(Generic[M]):
         then nothing is served) and ``model_follower`` (its thread runs)."""
         self.role = role
         self.component = ROLE_NAMES[role]
+        self._models_topic = models_topic
         self._producer: bus.Producer | None = None
         if follow.bootstrap_servers and registry_dir:
             self._producer = bus.Producer(
@@ -160,6 +162,7 @@ class ServingModels(Generic[M]):
                 auto_promote_from_registry=follow.auto_promote_from_registry,
                 report=report,
                 component=self.component,
+                topic=models_topic,
             )
 
     def _changed(self, state: ModelState) -> None:
@@ -174,7 +177,7 @@ class ServingModels(Generic[M]):
             actor=f"{self.component}-server",
         )  # fmt: skip
         try:
-            self._producer.send_sync(topics.MODELS, event, key=event.event_id)
+            self._producer.send_sync(self._models_topic, event, key=event.event_id)
         except bus.PublishError:
             log.exception("could not announce the rejection of %s", version)
 
@@ -218,4 +221,5 @@ class ServingModels(Generic[M]):
             self._producer,
             resident=lambda role: self.pool.resident() if role == self.role else [],
             actor=f"{self.component}-server",
+            topic=self._models_topic,
         )

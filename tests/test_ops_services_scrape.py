@@ -74,7 +74,7 @@ def services(kafka: LocalKafka, tmp_path: Path) -> Iterator[dict[str, str]]:
                              "--runtime.metrics-port", str(ports["feedback"][1]),
                              "--runtime.http-port", str(ports["feedback"][2]), *local], logs),
         Process("trainer", ["train", "--bootstrap-servers", bs, "--registry", str(registry),
-                            "--base-model", str(base), "--topic-prefix", prefix,
+                            "--base-model", str(base), "--streams.topic-prefix", prefix,
                             "--group-id", prefix, "--progress", "off", "--device", "cpu",
                             "--metrics-port", str(trainer_port := free_port())], logs),
     ]  # fmt: skip

@@ -13,6 +13,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from rlhf import bus, checkpoint, models
+from rlhf.streams import StreamsConfig
 from tests.trainer_support import CORPUS, Process, produce
 from trainer.config import (
     DataConfig,
@@ -32,7 +33,7 @@ def config(kafka, tmp_path: Path, **overrides) -> tuple[TrainerConfig, StreamTop
         models.init_models(models.InitConfig(out=str(tmp_path / "base")))
     prefix = overrides.pop("prefix")
     fields = dict(
-        bootstrap_servers=kafka.bootstrap_servers, group_id=prefix, topic_prefix=prefix,
+        bootstrap_servers=kafka.bootstrap_servers, group_id=prefix, streams=StreamsConfig(topic_prefix=prefix),
         registry=tmp_path / "registry", base_model=tmp_path / "base", pretrain_corpus=CORPUS,
         device="cpu", metrics_port=0, progress="off", sft=SFTConfig(epochs=1, batch_size=8),
         gates=GatesConfig(enabled=False),

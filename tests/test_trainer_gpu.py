@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from safetensors.torch import load_file
 
 from rlhf import bus, checkpoint, models
+from rlhf.streams import StreamsConfig
 from rlhf.v1 import events_pb2
 from trainer.config import DataConfig, PPOConfig, ScheduleConfig, SFTConfig, TrainerConfig
 from trainer.main import run
@@ -38,7 +39,7 @@ def test_sft_and_ppo_rounds_run_on_cuda(kafka, tmp_path, family):
         producer.send(topics.demonstrations, demo, key=demo.user_id)
     producer.close()
     cfg = TrainerConfig(
-        bootstrap_servers=kafka.bootstrap_servers, group_id=prefix, topic_prefix=prefix,
+        bootstrap_servers=kafka.bootstrap_servers, group_id=prefix, streams=StreamsConfig(topic_prefix=prefix),
         registry=tmp_path / "registry", base_model=tmp_path / "base", pretrain_corpus=CORPUS,
         device="cuda", metrics_port=0, progress="off", data=DataConfig(poll_timeout_s=0.2),
         sft=SFTConfig(epochs=2, batch_size=8),

@@ -34,6 +34,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from rlhf import bus, checkpoint, encoding, models
+from rlhf.streams import StreamsConfig
 from rlhf.v1 import events_pb2
 from trainer import evaluate
 from trainer.config import (
@@ -66,7 +67,7 @@ def config(tmp: Path, kafka: object, prefix: str, **schedule: object) -> Trainer
     return TrainerConfig(
         bootstrap_servers=kafka.bootstrap_servers,  # type: ignore[attr-defined]
         group_id=f"trainer-{prefix}",
-        topic_prefix=prefix,
+        streams=StreamsConfig(topic_prefix=prefix),
         registry=tmp / "registry",
         base_model=tmp / "base",
         pretrain_corpus=CORPUS,
@@ -185,7 +186,7 @@ def test_rm_beats_65_percent_with_paper_level_label_noise(world, kafka, tmp_path
     registry = tmp_path / "registry"
     (registry / "policy").mkdir(parents=True)
     shutil.copytree(world["sft_dir"], registry / "policy" / world["sft_dir"].name)
-    cfg = dataclasses.replace(world["cfg"], registry=registry, topic_prefix=prefix, group_id=prefix,
+    cfg = dataclasses.replace(world["cfg"], registry=registry, streams=StreamsConfig(topic_prefix=prefix), group_id=prefix,
                               schedule=ScheduleConfig(rm_min_new=200, max_rounds=1))  # fmt: skip
     run(cfg, registry=CollectorRegistry(), serve_metrics=False)
     manifest = checkpoint.read_manifest(checkpoint.latest(registry, "reward"))

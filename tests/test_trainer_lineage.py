@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from rlhf import bus, checkpoint, encoding, models
+from rlhf.streams import StreamsConfig
 from tests.trainer_support import CORPUS, Process, produce
 from trainer import evaluate
 from trainer import state as state_lib
@@ -39,7 +40,7 @@ def test_ppo_lineages_keep_a_fixed_reference_and_carry_the_trainer_state(kafka, 
     topics = StreamTopics.with_prefix(prefix)
     bus.ensure_topics(kafka.bootstrap_servers, [*topics.inputs(), topics.models])
     cfg = TrainerConfig(
-        bootstrap_servers=kafka.bootstrap_servers, group_id=prefix, topic_prefix=prefix,
+        bootstrap_servers=kafka.bootstrap_servers, group_id=prefix, streams=StreamsConfig(topic_prefix=prefix),
         registry=tmp_path / "registry", base_model=tmp_path / "base", pretrain_corpus=CORPUS,
         device="cpu", metrics_port=0, progress="off", data=DataConfig(poll_timeout_s=0.2),
         sft=SFTConfig(epochs=1, batch_size=8),

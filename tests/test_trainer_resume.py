@@ -80,7 +80,7 @@ def test_sigkill_at_any_point_then_restart_trains_each_record_exactly_once(kafka
     registry = tmp_path / "registry"
     port = free_port()
     args = [
-        "--bootstrap-servers", kafka.bootstrap_servers, "--topic-prefix", prefix, "--group-id", prefix,
+        "--bootstrap-servers", kafka.bootstrap_servers, "--streams.topic-prefix", prefix, "--group-id", prefix,
         "--registry", str(registry), "--base-model", str(tmp_path / "base"), "--device", "cpu",
         "--torch-threads", "1", "--metrics-port", str(port), "--progress", "off",
         "--schedule.sft-min-new", "16", "--sft.epochs", "8", "--sft.batch-size", "4",

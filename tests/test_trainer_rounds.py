@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from rlhf import bus, checkpoint, encoding, models
 from rlhf.kafka_local import free_port
 from rlhf.seed import seed_registry
+from rlhf.streams import StreamsConfig
 from rlhf.v1 import events_pb2
 from tests.trainer_support import Process
 from trainer.config import (
@@ -53,7 +54,7 @@ def setup_stream(
     topics = StreamTopics.with_prefix(prefix)
     bus.ensure_topics(kafka.bootstrap_servers, [*topics.inputs(), topics.models])
     fields = dict(
-        bootstrap_servers=kafka.bootstrap_servers, group_id=prefix, topic_prefix=prefix,
+        bootstrap_servers=kafka.bootstrap_servers, group_id=prefix, streams=StreamsConfig(topic_prefix=prefix),
         registry=tmp_path / "registry", base_model=base, pretrain_corpus=CORPUS, device="cpu",
         metrics_port=0, progress="off", data=DataConfig(poll_timeout_s=0.2),
         sft=SFTConfig(epochs=1, batch_size=8),

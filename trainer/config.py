@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from rlhf.config import option, section
 from rlhf.encoding import EncodingSpec, has_chat_template
+from rlhf.streams import StreamsConfig
 
 _DEVICES = ("auto", "cpu", "cuda")
 
@@ -345,9 +346,6 @@ class TrainerConfig:
     bootstrap_servers: str = option("localhost:9092", "Kafka bootstrap servers")
     group_id: str = option("rlhf-trainer", "Kafka consumer group of the trainer")
     client_id: str = option("rlhf-trainer", "Kafka client id")
-    topic_prefix: str = option(
-        "", "prefix of every topic name (deployments sharing one Kafka cluster)"
-    )
     auto_promote: bool = option(
         True,
         "follow each PUBLISHED model event with PROMOTED, so servers switch to a version that "
@@ -379,6 +377,9 @@ class TrainerConfig:
     log_level: str = option("INFO", "logging level")
     encoding: EncodingConfig = section(
         EncodingConfig, "how examples become token ids (recorded in every manifest)"
+    )
+    streams: StreamsConfig = section(
+        StreamsConfig, "topic names and splits, the same in every component", shared=True
     )
     sft: SFTConfig = section(SFTConfig, "supervised fine-tuning rounds")
     rm: RMConfig = section(RMConfig, "reward model rounds")

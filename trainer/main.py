@@ -102,7 +102,7 @@ def run(
     metrics = TrainerMetrics(prom)
     if serve_metrics and cfg.metrics_port:
         start_http_server(cfg.metrics_port, registry=prom)
-    stream_topics = StreamTopics.with_prefix(cfg.topic_prefix)
+    stream_topics = StreamTopics.of(cfg.streams.topics)
     parked = [stream_topics.parked(kind) for kind in ("demonstrations", "comparisons")]
     topics = [*stream_topics.inputs(), stream_topics.models, *parked]
     if not wait_for_kafka(cfg.bootstrap_servers, topics, prom, stop):

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class StreamTopics:
-    """The topics the trainer reads and writes; a prefix lets deployments share one cluster."""
+    """The topics the trainer reads and writes (``streams.topic_prefix``: ``rlhf.streams``)."""
 
     demonstrations: Topic = topics.DEMONSTRATIONS
     comparisons: Topic = topics.COMPARISONS
@@ -38,13 +38,12 @@ class StreamTopics:
     models: Topic = topics.MODELS
 
     @classmethod
+    def of(cls, system: topics.Topics) -> StreamTopics:
+        return cls(system.demonstrations, system.comparisons, system.prompts, system.models)
+
+    @classmethod
     def with_prefix(cls, prefix: str) -> StreamTopics:
-        base = cls()
-        if not prefix:
-            return base
-        return cls(
-            *(dataclasses.replace(t, name=prefix + t.name) for t in (*base.inputs(), base.models))
-        )
+        return cls.of(topics.Topics.with_prefix(prefix))
 
     def inputs(self) -> tuple[Topic, Topic, Topic]:
         return (self.demonstrations, self.comparisons, self.prompts)

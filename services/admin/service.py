@@ -54,9 +54,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         resident: Resident = lambda _role: [],
         actor: str = "admin",
         apply_timeout_s: float = 10.0,
+        topic: topics.Topic = topics.MODELS,
     ) -> None:
         self._follower = follower
         self._producer = producer
+        self._topic = topic
         self._resident = resident
         self._actor = actor
         self._apply_timeout_s = apply_timeout_s
@@ -103,7 +105,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.AdminAck:
         try:
             await asyncio.to_thread(
-                self._producer.send_sync, topics.MODELS, event, key=event.event_id
+                self._producer.send_sync, self._topic, event, key=event.event_id
             )
         except bus.PublishError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"model event not written: {exc}")

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from rlhf.config import option
 from rlhf.pii import KINDS
+from rlhf.streams import StreamsConfig
 
 
 @dataclass(frozen=True)
@@ -36,17 +37,11 @@ class PolicyConfig:
     """Data policy from the paper, applied before anything is written."""
 
     pii_kinds: tuple[str, ...] = option(KINDS, f"PII kinds to redact, any of {list(KINDS)}")
-    validation_fraction: float = option(0.05, "share of user ids whose events go to validation")
-    test_fraction: float = option(0.05, "share of user ids whose events go to test")
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.pii_kinds) - set(KINDS))
         if unknown:
             raise ValueError(f"unknown PII kinds {unknown}; known: {list(KINDS)}")
-        if self.validation_fraction < 0 or self.test_fraction < 0:
-            raise ValueError("split fractions must be >= 0")
-        if self.validation_fraction + self.test_fraction >= 1:
-            raise ValueError("validation_fraction + test_fraction must leave room for train")
 
 
 @dataclass(frozen=True)
@@ -109,8 +104,10 @@ class GatewayConfig:
     limits: LimitsConfig = field(
         default_factory=LimitsConfig, metadata={"help": "request size limits"}
     )
-    policy: PolicyConfig = field(
-        default_factory=PolicyConfig, metadata={"help": "PII redaction and splits"}
+    policy: PolicyConfig = field(default_factory=PolicyConfig, metadata={"help": "PII redaction"})
+    streams: StreamsConfig = field(
+        default_factory=StreamsConfig,
+        metadata={"help": "topic names and splits, the same in every component", "shared": True},
     )
     resolver: ResolverConfig = field(
         default_factory=ResolverConfig, metadata={"help": "generation id resolution"}

@@ -44,7 +44,6 @@ from prometheus_client import Counter as MetricCounter
 from rlhf import bus, topics
 from rlhf.chat import prompt_of, prompt_text
 from rlhf.pii import RedactionMetrics, Redactor
-from rlhf.split import split_for_user
 from rlhf.v1 import events_pb2, feedback_pb2, inference_pb2
 from services.feedback.config import GatewayConfig
 from services.feedback.dedupe import SeenEvents
@@ -201,8 +200,7 @@ class FeedbackGateway:
         ]
 
     def _split(self, user_id: str) -> events_pb2.Split.ValueType:
-        policy = self._config.policy
-        return split_for_user(user_id, policy.validation_fraction, policy.test_fraction)
+        return self._config.streams.split(user_id)
 
     async def _comparison_event(
         self, request: feedback_pb2.ComparisonRequest, event_id: str, counts: Counter[str]
@@ -270,7 +268,11 @@ class FeedbackGateway:
             idempotency_key=request.idempotency_key,
             redactions=sum(counts.values()),
         )
-        return topics.COMPARISONS, event, record_key(_key_text(prompt, messages))
+        return (
+            self._config.streams.topics.comparisons,
+            event,
+            record_key(_key_text(prompt, messages)),
+        )
 
     async def _demonstration_event(
         self, request: feedback_pb2.DemonstrationRequest, event_id: str, counts: Counter[str]
@@ -290,7 +292,11 @@ class FeedbackGateway:
             idempotency_key=request.idempotency_key,
             redactions=sum(counts.values()),
         )
-        return topics.DEMONSTRATIONS, event, record_key(_key_text(prompt, messages))
+        return (
+            self._config.streams.topics.demonstrations,
+            event,
+            record_key(_key_text(prompt, messages)),
+        )
 
     async def _submit(
         self,
@@ -466,11 +472,12 @@ def open_gateway(
         batch_size=kafka.batch_size,
         delivery_timeout_ms=kafka.delivery_timeout_ms,
     )
+    system = config.streams.topics
     seen = SeenEvents()
     generations = GenerationIndex(config.resolver.max_entries, config.resolver.ttl_s)
     dedupe = TopicTail(
         kafka.bootstrap_servers,
-        [topics.COMPARISONS, topics.DEMONSTRATIONS],
+        [system.comparisons, system.demonstrations],
         seen.add_record,
         client_id=f"{kafka.client_id}-dedupe",
         registry=registry,
@@ -483,7 +490,7 @@ def open_gateway(
     )
     served = TopicTail(
         kafka.bootstrap_servers,
-        [topics.PROMPTS],
+        [system.prompts],
         generations.add_record,
         client_id=f"{kafka.client_id}-generations",
         registry=registry,
@@ -495,7 +502,7 @@ def open_gateway(
         tail.start()
     probe = bus.BrokerProbe(
         kafka.bootstrap_servers,
-        [topics.COMPARISONS, topics.DEMONSTRATIONS],
+        [system.comparisons, system.demonstrations],
         client_id=f"{kafka.client_id}-probe",
         timeout_s=2.0,
     )

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from rlhf.config import option, section
 from rlhf.pii import KINDS
 from rlhf.runtime import RuntimeConfig
+from rlhf.streams import StreamsConfig
 from services.serving import FollowConfig, ModelConfig
 
 
@@ -109,10 +110,6 @@ class PublishConfig:
     close_timeout_s: float = option(
         10.0, "how long shutdown waits for buffered records to be acked"
     )
-    # The split is a pure function of the user id; these must equal the feedback gateway's
-    # (policy.validation_fraction / policy.test_fraction there) so a user is in one split.
-    validation_fraction: float = option(0.05, "share of user ids whose prompts go to validation")
-    test_fraction: float = option(0.05, "share of user ids whose prompts go to test")
     # The same rules as the feedback gateway's policy.pii_kinds (rlhf/pii.py).
     pii_kinds: tuple[str, ...] = option(
         KINDS, f"PII kinds redacted from published prompts and samples, any of {list(KINDS)}"
@@ -124,12 +121,6 @@ class PublishConfig:
             raise ValueError(f"publish.pii_kinds: unknown kinds {unknown}; known: {list(KINDS)}")
         if self.buffer_size < 1 or self.batch_size < 1:
             raise ValueError("publish.buffer_size and publish.batch_size must be >= 1")
-        if min(self.validation_fraction, self.test_fraction) < 0:
-            raise ValueError("publish split fractions must be >= 0")
-        if self.validation_fraction + self.test_fraction >= 1:
-            raise ValueError(
-                "publish.validation_fraction + test_fraction must leave room for train"
-            )
 
 
 @dataclass(frozen=True)
@@ -163,6 +154,10 @@ class PolicyServerConfig:
     engine: EngineConfig = section(EngineConfig, "generation engine")
     vllm: VLLMConfig = section(VLLMConfig, "the vLLM engine (--engine.kind vllm)")
     publish: PublishConfig = section(PublishConfig, "publishing served generations to Kafka")
+    # Topic names and split fractions: the same in every component (rlhf/streams.py).
+    streams: StreamsConfig = section(
+        StreamsConfig, "topic names and splits, the same in every component", shared=True
+    )
     follow: FollowConfig = section(
         FollowConfig, "following the models topic and registry (hot swap; --model.registry only)"
     )

@@ -53,9 +53,12 @@ class GenerationPublisher:
         ack_timeout_s: float = 15.0,
         max_backoff_s: float = 10.0,
         redactor: Redactor | None = None,
+        topic: topics.Topic = topics.PROMPTS,
     ) -> None:
-        """``redactor``: PII redaction before sending (None sends texts as served)."""
+        """``redactor``: PII redaction before sending (None sends texts as served); ``topic``:
+        where served generations go (``streams.topic_prefix`` names it)."""
         self._producer = producer
+        self._topic = topic
         self._redactor = redactor
         self._pii = RedactionMetrics(registry, "policy")
         self._buffer_size = buffer_size
@@ -143,7 +146,7 @@ class GenerationPublisher:
                 log.error(
                     "dropped %d served generation(s) not published to %s (%s); "
                     "see rlhf_policy_publish_dropped_total",
-                    n, topics.PROMPTS.name, why,
+                    n, self._topic.name, why,
                 )  # fmt: skip
         self._unlogged.clear()
         self._last_drop_log = now
@@ -197,15 +200,15 @@ class GenerationPublisher:
         try:
             for event in batch:
                 key = event.user_id or event.event_id
-                futures.append(self._producer.send(topics.PROMPTS, event, key=key))
+                futures.append(self._producer.send(self._topic, event, key=key))
         except Exception as exc:  # the sender thread must outlive any client error
-            log.warning("sending to %s failed: %s", topics.PROMPTS.name, exc)
+            log.warning("sending to %s failed: %s", self._topic.name, exc)
         acked = 0
         for future in futures:
             try:
                 future.get(timeout=self._ack_timeout_s)
             except Exception as exc:
-                log.warning("%s: record not acked: %s", topics.PROMPTS.name, exc)
+                log.warning("%s: record not acked: %s", self._topic.name, exc)
                 break
             acked += 1
         return acked

@@ -446,6 +446,7 @@ class PolicyServer:
             version=config.model.version,
             registry_dir=config.model.registry,
             follow=config.follow,
+            models_topic=config.streams.topics.models,
             load=lambda path: ServedPolicy.load(engine, path, version_of(path, fixed_name)),
             warm_up=lambda served: engine.warm_up(served.policy),
             release=lambda served: engine.unload(served.policy),
@@ -470,6 +471,7 @@ class PolicyServer:
                 ack_timeout_s=pub.ack_timeout_s,
                 max_backoff_s=pub.max_backoff_s,
                 redactor=Redactor(pub.pii_kinds),
+                topic=cfg.streams.topics.prompts,
             )
             self.publisher = publisher
             self.runtime.on_stop(lambda: asyncio.to_thread(publisher.close, pub.close_timeout_s))
@@ -485,7 +487,7 @@ class PolicyServer:
             self.pool,
             cfg.limits,
             self.publisher,
-            (pub.validation_fraction, pub.test_fraction),
+            (cfg.streams.validation_fraction, cfg.streams.test_fraction),
         )
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
         door = HttpDoor(self.runtime, style=Style.OPENAI)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from rlhf.config import option, section
 from rlhf.runtime import RuntimeConfig
+from rlhf.streams import StreamsConfig
 from services.serving import FollowConfig, ModelConfig
 
 
@@ -47,6 +48,9 @@ class RewardServerConfig:
     batch: BatchConfig = section(BatchConfig, "batched scoring")
     follow: FollowConfig = section(
         FollowConfig, "following the models topic and registry (hot swap; --model.registry only)"
+    )
+    streams: StreamsConfig = section(
+        StreamsConfig, "topic names and splits, the same in every component", shared=True
     )
     runtime: RewardRuntimeConfig = section(
         RewardRuntimeConfig, "gRPC and HTTP servers, auth and metrics"

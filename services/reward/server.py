@@ -183,6 +183,7 @@ class RewardServer:
             version=config.model.version,
             registry_dir=config.model.registry,
             follow=config.follow,
+            models_topic=config.streams.topics.models,
             load=lambda path: load(path, config.model),
             warm_up=warm_up,
             metrics=registry,

@@ -64,7 +64,8 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/*
 Environment shared by every rlhf container: Kafka credentials (the bootstrap servers are in
-the config file) and writable cache locations, since the root filesystem is read-only.
+the config file), the streams settings every component must agree on (rlhf/streams.py) and
+writable cache locations, since the root filesystem is read-only.
 */}}
 {{- define "rlhf.commonEnv" -}}
 {{- if ne .Values.kafka.securityProtocol "PLAINTEXT" }}
@@ -85,6 +86,12 @@ the config file) and writable cache locations, since the root filesystem is read
       name: {{ .Values.kafka.existingSecret }}
       key: {{ .Values.kafka.passwordKey }}
 {{- end }}
+- name: RLHF_STREAMS__TOPIC_PREFIX
+  value: {{ .Values.streams.topicPrefix | quote }}
+- name: RLHF_STREAMS__VALIDATION_FRACTION
+  value: {{ .Values.streams.validationFraction | quote }}
+- name: RLHF_STREAMS__TEST_FRACTION
+  value: {{ .Values.streams.testFraction | quote }}
 - name: HOME
   value: /tmp
 - name: XDG_CACHE_HOME
