@@ -260,3 +260,49 @@ def test_sft_validation_scores_the_encoding_sft_trains_on(kafka, tmp_path, base)
     batch = encoding.encode_pairs(tok, spec, [e.prompt for e in val], [e.response for e in val])
     assert int(batch.response_mask.sum(dim=1).max()) > cfg.ppo.max_new_tokens
     assert manifest.metrics["val_sft_loss"] == pytest.approx(sft_eval(policy, batch), rel=1e-4)
+
+
+def test_records_held_back_by_gates_too_often_are_parked_not_lost(kafka, tmp_path, base):
+    # A learning rate that wrecks the model (every weight moves by ~1 per Adam step): every SFT
+    # round on these records fails its val-loss gate.
+    cfg, topics = setup_stream(
+        kafka, tmp_path, base, sft=SFTConfig(epochs=1, batch_size=8, lr=1.0),
+        gates=GatesConfig(sft_tolerance=0.0), schedule=ScheduleConfig(park_after_failures=2),
+    )  # fmt: skip
+    parked_topic = topics.parked("demonstrations")
+    bus.ensure_topics(kafka.bootstrap_servers, [parked_topic])
+    produce_demos(kafka, topics, 8)
+    producer = bus.Producer(kafka.bootstrap_servers, client_id="test-rounds")
+    for i in range(4):
+        event = events_pb2.DemonstrationEvent(event_id=uuid.uuid4().hex, prompt=f"{i} zq",
+                                              response="zqxj vkwq " * 4, user_id="v", split=VAL)  # fmt: skip
+        producer.send(topics.demonstrations, event, key="v")
+    producer.close()
+    process = Process(cfg, topics, kafka)
+    registry = CollectorRegistry()
+    process.trainer.metrics = TrainerMetrics(registry)
+    try:
+        process.read(demos=8)
+        while len(process.reader.data.demonstrations["val"]) < 4:
+            process.reader.poll()
+        pending = {d.event_id for d in process.reader.data.pending_demonstrations}
+        assert process.trainer.run_round("sft").outcome == "gate_failed"
+        assert {d.event_id for d in process.reader.data.pending_demonstrations} == pending
+        assert process.trainer.run_round("sft").outcome == "gate_failed"
+        assert process.reader.data.pending_demonstrations == []  # parked after 2 failures
+    finally:
+        process.close()
+    assert registry.get_sample_value(
+        "rlhf_trainer_records_parked_total", {"kind": "demonstrations"}
+    ) == len(pending)
+    # Nothing is lost: the very records are on <topic>.parked.
+    consumer = bus.Consumer(kafka.bootstrap_servers, [parked_topic], group_id=uuid.uuid4().hex,
+                            client_id="test-parked")  # fmt: skip
+    parked: set[str] = set()
+    deadline = time.monotonic() + 30
+    try:
+        while parked != pending and time.monotonic() < deadline:
+            parked |= {r.value.event_id for r in consumer.poll(timeout_s=0.5)}  # type: ignore[attr-defined]
+    finally:
+        consumer.close()
+    assert parked == pending
