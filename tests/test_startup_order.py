@@ -21,6 +21,7 @@ from rlhf.kafka_local import LocalKafka
 from rlhf.lifecycle import Kind, model_event, published_events
 from rlhf.runtime import ServerRuntime
 from rlhf.seed import seed_registry
+from rlhf.streams import StreamsConfig
 from rlhf.v1 import events_pb2, feedback_pb2_grpc
 from services.feedback.config import KafkaConfig
 from services.feedback.server import (
@@ -96,7 +97,7 @@ def test_everything_waits_for_a_broker_that_is_down_at_start(
     stop = threading.Event()
     models.init_models(models.InitConfig(out=str(tmp_path / "trainer-base")))
     trainer_cfg = TrainerConfig(
-        bootstrap_servers=bootstrap, group_id=prefix, topic_prefix=prefix,
+        bootstrap_servers=bootstrap, group_id=prefix, streams=StreamsConfig(topic_prefix=prefix),
         registry=tmp_path / "trainer-registry", base_model=tmp_path / "trainer-base",
         device="cpu", metrics_port=0, progress="off", data=DataConfig(poll_timeout_s=0.2),
     )  # fmt: skip
