@@ -410,6 +410,13 @@ def test_cli_serves_and_stops_on_sigterm(model_dir: Path, tmp_path: Path) -> Non
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             grpc.channel_ready_future(channel).result(timeout=90)
+            # The port opens before the model is loaded: wait until health says SERVING.
+            health = health_pb2_grpc.HealthStub(channel)
+            check = health_pb2.HealthCheckRequest(service="rlhf.v1.InferenceService")
+            deadline = time.monotonic() + 90
+            while health.Check(check, timeout=10).status != health_pb2.HealthCheckResponse.SERVING:
+                assert time.monotonic() < deadline, "the policy server never became SERVING"
+                time.sleep(0.2)
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             request = inference_pb2.GenerateRequest(prompt="cli")
             reply = stub.Generate(

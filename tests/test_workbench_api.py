@@ -73,6 +73,7 @@ def start_workbench_gateway(
     )
     runtime = ServerRuntime(config.runtime, CollectorRegistry(), component="feedback")
     runtime.start_in_thread(add_servicers(config, runtime.registry, runtime), SERVICES)
+    assert runtime.wait_serving("rlhf.v1.FeedbackService", 60)  # its index read from Kafka
     return runtime, f"http://127.0.0.1:{runtime.http_port}"
 
 

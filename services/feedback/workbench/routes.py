@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +148,7 @@ class WorkbenchRoutes:
         queue: LabelingQueue,
         ledger: Ledger,
         metrics: WorkbenchMetrics,
-        ready: Any,
+        ready: Callable[[], bool],
     ) -> None:
         self._config = config
         self._limits = limits
@@ -156,7 +157,7 @@ class WorkbenchRoutes:
         self._queue = queue
         self._ledger = ledger
         self._metrics = metrics
-        self._ready = ready  # () -> bool: the history of the topics has been read
+        self._ready = ready  # the history of the topics has been read
         self._pages = {name: (STATIC / name).read_bytes() for name in PAGES}
 
     # ------------------------------------------------------------------ the page
