@@ -172,6 +172,7 @@ class ModelPool(Generic[M]):
                 with self._lock:
                     self._loading.discard(version)
                     self._rejected[version] = reason
+                    self._lock.notify_all()  # wait_resident() returns at once
                 self._metrics.swaps.labels("rejected").inc()
                 self._on_reject(version, reason)
                 state = self._state

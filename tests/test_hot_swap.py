@@ -27,14 +27,18 @@ from services.policy.server import PolicyServer
 POLICY = events_pb2.MODEL_ROLE_POLICY
 
 
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """Four tiny policies with different weights (seeds 0..3)."""
-    root = tmp_path_factory.mktemp("models")
+@pytest.fixture(scope="module", params=["byte", "bpe"])
+def model_dirs(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> list[Path]:
+    """Four tiny policies of one model family with different weights (seeds 0..3): every
+    test here runs on the byte family and on the BPE chat family."""
+    root = tmp_path_factory.mktemp(f"models-{request.param}")
     dirs = []
     for seed in range(4):
-        models.init_models(models.InitConfig(out=str(root / f"m{seed}"), seed=seed))
-        dirs.append(root / f"m{seed}")
+        out = root / f"m{seed}"
+        models.init_models(models.InitConfig(out=str(out), seed=seed, tokenizer=request.param))
+        dirs.append(out)
     return dirs
 
 
@@ -94,13 +98,19 @@ def stream_clients(
             while not stop.is_set():
                 started = time.monotonic()
                 request = inference_pb2.GenerateRequest(
-                    prompt=f"client {i}", user_id=f"u{i}",
+                    prompt=f"client {i}: café, 你好", user_id=f"u{i}",
                     parameters=inference_pb2.GenerationParameters(max_new_tokens=6, do_sample=True, seed=i),
                 )  # fmt: skip
                 result = Outcome(started, set())
+                streamed, final = "", None
                 try:
                     for event in stub.GenerateStream(request, timeout=60):
                         result.versions.add(event.model_version)
+                        streamed += event.token.text
+                        if event.HasField("finished"):
+                            final = event.finished.text
+                    if streamed != final:
+                        result.error = f"streamed {streamed!r} but finished {final!r}"
                 except grpc.RpcError as exc:
                     result.error = f"{exc.code().name}: {exc.details()}"
                 with lock:
