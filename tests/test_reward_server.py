@@ -14,6 +14,7 @@ import grpc
 import httpx2
 import pytest
 import torch
+from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
@@ -294,6 +295,25 @@ def test_cli_serves_and_stops_on_sigterm(rm_dir: Path) -> None:
     assert "NO API KEYS CONFIGURED" in output and "reward server stopped" in output
 
 
+# JSON bodies a conversation rule refuses, and what the refusal says ("chat" is a good
+# conversation: refused only by a model without a chat template).
+CONVERSATION_ERRORS = {
+    "unknown_role": {"messages": [{"role": "robot", "content": "hi"}]},
+    "empty_turn": {
+        "messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": " "}]
+    },
+    "empty_conversation": {"messages": []},
+    "both": {"prompt": "p", "messages": [{"role": "user", "content": "hi"}]},
+    "chat": {"messages": [{"role": "user", "content": "hi"}]},
+}
+CONVERSATION_ERRORS_SAY = {
+    "unknown_role": "messages[0].role: unknown role 'robot'",
+    "empty_turn": "messages[1].content must not be empty",
+    "empty_conversation": "prompt must not be empty (or send messages)",
+    "both": "set either prompt or messages, not both",
+}
+
+
 @pytest.mark.parametrize("family", ["byte", "bpe"])
 def test_the_reward_server_scores_exactly_as_the_trainer_trains(
     family: str, family_models: Callable[[str], Path], tmp_path: Path
@@ -333,14 +353,36 @@ def test_the_reward_server_scores_exactly_as_the_trainer_trains(
 
     config = RewardServerConfig(
         model=ModelConfig(path=str(tmp_path / "reward" / version), device="cpu"),
-        runtime=RewardRuntimeConfig(host="127.0.0.1", port=0, metrics_port=-1, http_port=-1),
+        runtime=RewardRuntimeConfig(
+            host="127.0.0.1", port=0, metrics_port=-1, http_host="127.0.0.1", http_port=0
+        ),
     )
     server = RewardServer(config, CollectorRegistry())
     server.start_in_thread()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.runtime.port}") as channel:
             reply = reward_pb2_grpc.RewardServiceStub(channel).Score(request, timeout=30)
+        # The HTTP/JSON door takes the same request, conversation included, and scores it the
+        # same way; bad conversations are refused there by the same rules.
+        url = f"http://127.0.0.1:{server.runtime.http_port}/v1/score"
+        body = json_format.MessageToDict(request, preserving_proto_field_name=True)
+        over_http = httpx2.post(url, json=body, timeout=30)
+        refusals = {
+            name: httpx2.post(url, json={**sent, "responses": responses}, timeout=30)
+            for name, sent in CONVERSATION_ERRORS.items()
+        }
     finally:
         server.stop_in_thread()
     assert reply.model_version == version
     torch.testing.assert_close(torch.tensor(list(reply.rewards)), trained, atol=1e-5, rtol=0)
+    assert over_http.status_code == 200, over_http.text
+    assert over_http.json()["model_version"] == version
+    assert over_http.json()["rewards"] == pytest.approx(list(reply.rewards), abs=1e-6)
+    for name, refused in refusals.items():
+        if name == "chat" and family == "bpe":  # a model with a chat template takes it
+            assert refused.status_code == 200, refused.text
+            continue
+        assert refused.status_code == 400, (name, refused.text)
+        assert refused.json()["error"]["status"] == "INVALID_ARGUMENT"
+        want = "this model takes plain prompts" if name == "chat" else CONVERSATION_ERRORS_SAY[name]
+        assert want in refused.json()["error"]["message"], (name, refused.text)

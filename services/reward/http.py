@@ -1,8 +1,10 @@
 """The reward server's HTTP/JSON API (scope ``infer``), beside ``RewardService.Score``.
 
 ``POST /v1/score`` takes a ``ScoreRequest`` in protobuf's JSON mapping,
-``{"prompt": "...", "responses": ["...", ...], "model_version": ""}``, runs the servicer's own
-``score`` path and answers ``{"rewards": [...], "model_version": "..."}``. ``GET /health``:
+``{"prompt": "...", "responses": ["...", ...], "model_version": ""}`` or, for a chat model,
+``{"messages": [{"role": "user", "content": "..."}], "responses": [...]}``, runs the
+servicer's own ``score`` path (the same checks of the conversation as gRPC) and answers
+``{"rewards": [...], "model_version": "..."}``. ``GET /health``:
 200 once a reward model is loaded, 503 before (no key). Errors are Google's JSON error with the
 HTTP status matching the gRPC one (400, 401, 403, 404, 413, 429, 503).
 """
