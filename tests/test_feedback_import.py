@@ -86,7 +86,43 @@ def ultrafeedback_format(run: str) -> Lines:
     return good + bad, len(good), reasons
 
 
-@pytest.mark.parametrize("make", [own_format, hh_format, ultrafeedback_format])
+def chat_format(run: str) -> Lines:
+    """Conversations in every format that takes them: preference pairs (TRL's conversational
+    format, UltraFeedback-binarized), UltraFeedback, SFT transcripts and the own format."""
+
+    def user(text: str) -> dict[str, str]:
+        return {"role": "user", "content": f"{run} {text}"}
+
+    def bot(text: str) -> dict[str, str]:
+        return {"role": "assistant", "content": text}
+
+    system = {"role": "system", "content": "Answer briefly."}
+    good = [
+        {"chosen": [system, user("Sky?"), bot("Blue.")], "rejected": [system, user("Sky?"), bot("Green.")]},
+        {"prompt": [user("2+2?")], "chosen": [bot("4")], "rejected": [bot("5")]},
+        {"prompt": f"{run} Café?", "chosen": [user("Café?"), bot("Oui.")],
+         "rejected": [user("Café?"), bot("Non.")], "score_chosen": 8.0, "score_rejected": 3.0},
+        {"prompt": [system, user("Pick one.")],
+         "completions": [{"response": "x", "overall_score": 1}, {"response": "y", "overall_score": 2}]},
+        {"messages": [user("Greet me."), bot("Hello!"), user("Again, in German."), bot("Grüß dich!")]},
+        {"prompt": [user("Say done.")], "completion": [bot("Done.")]},
+        {"comparison": {"messages": [user("Own format?")], "responses": [{"text": "a"}, {"text": "b"}],
+                        "ranks": [2, 1], "labeler_id": "l", "user_id": "u", "idempotency_key": f"{run}-own"}},
+    ]  # fmt: skip
+    bad = [
+        {"chosen": [{"role": "robot", "content": "hi"}, bot("A")],
+         "rejected": [{"role": "robot", "content": "hi"}, bot("B")]},
+        {"messages": [user("Fine."), {"role": "user", "content": "  "}, bot("x")]},
+        {"prompt": [], "chosen": [bot("A")], "rejected": [bot("B")]},
+        {"messages": [user("Who answers?"), user("Nobody.")]},
+        {"chosen": [user("One?"), bot("A")], "rejected": [user("Another?"), bot("B")]},
+        {"messages": ["hi", bot("x")]},
+    ]  # fmt: skip
+    reasons = Counter({"bad_role": 1, "empty_text": 2, "format": 3})
+    return [json.dumps(r, ensure_ascii=False) for r in good + bad], len(good), reasons
+
+
+@pytest.mark.parametrize("make", [own_format, hh_format, ultrafeedback_format, chat_format])
 def test_import_counts_good_and_bad_lines(
     broker: LocalKafka, make: Callable[[str], Lines], tmp_path: Path
 ) -> None:
@@ -114,6 +150,21 @@ def test_import_counts_good_and_bad_lines(
         assert (again.accepted, again.duplicates, again.rejected) == (0, good, reasons)
     finally:
         app.close()
+    if make is chat_format:
+        # What was stored: the good lines only, conversations kept turn by turn.
+        stored = first_per_event_id(
+            read_events(broker.bootstrap_servers, [topics.COMPARISONS, topics.DEMONSTRATIONS])
+        )
+        mine = [
+            r.value  # type: ignore[attr-defined]
+            for r in stored.values()
+            if any(run in m.content for m in r.value.messages) or run in r.value.prompt  # type: ignore[attr-defined]
+        ]
+        assert len(mine) == good
+        assert all(e.messages and not e.prompt for e in mine)  # UltraFeedback-binarized too
+        german = next(e for e in mine if e.messages and e.messages[-1].content.endswith("German."))
+        assert [m.role for m in german.messages] == ["user", "assistant", "user"]
+        assert german.response == "Grüß dich!" and not german.prompt
 
 
 def test_import_command_reports_a_summary(

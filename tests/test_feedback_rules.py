@@ -19,7 +19,7 @@ from rlhf.pii import Redactor
 from rlhf.split import split_for_user
 from rlhf.v1 import events_pb2, feedback_pb2
 from services.feedback.config import LimitsConfig, PolicyConfig
-from services.feedback.formats import FormatError, parse_line, split_hh
+from services.feedback.formats import FormatError, parse_line, parse_record, split_hh
 from services.feedback.gateway import event_id_for, record_key
 from services.feedback.generations import GenerationIndex
 from services.feedback.validate import Rejection, validate_comparison, validate_demonstration
@@ -280,6 +280,43 @@ def test_hh_transcripts_split_at_the_last_shared_assistant_turn() -> None:
     assert (explicit.comparison.prompt, explicit.comparison.responses[0].text) == ("P", "A")
     with pytest.raises(FormatError, match="do not share a transcript"):
         parse_line(json.dumps({"chosen": "Human: a", "rejected": "Human: b"}), "hh", "x")
+
+
+def test_conversations_become_messages_in_every_format_that_takes_them() -> None:
+    user, bot = {"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "A"}
+    pair = {"chosen": [user, bot], "rejected": [user, {**bot, "content": "B"}]}
+    item = parse_line(json.dumps(pair), "auto", "x").comparison
+    assert [(m.role, m.content) for m in item.messages] == [("user", "Hi?")] and not item.prompt
+    assert [r.text for r in item.responses] == ["A", "B"] and list(item.ranks) == [1, 2]
+    # The user id is derived from the conversation: the same conversation, the same split.
+    again = {"prompt": [user], "chosen": [bot], "rejected": [{**bot, "content": "B"}]}
+    assert parse_line(json.dumps(again), "hh", "x").comparison.user_id == item.user_id
+    demo = parse_line(json.dumps({"messages": [user, bot]}), "auto", "x").demonstration
+    assert (list(demo.messages), demo.response) == (list(item.messages), "A")
+    completion = {"prompt": "Plain?", "completion": [bot]}
+    demo = parse_line(json.dumps(completion), "auto", "x").demonstration
+    assert (demo.prompt, demo.response, list(demo.messages)) == ("Plain?", "A", [])
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"messages": [{"role": "user", "content": "a"}]}, "last message must be the assistant's"),
+        ({"messages": [{"role": "assistant", "content": "a"}]}, "no turn before"),
+        ({"messages": [{"role": "user"}]}, r"messages\[0\]: expected a message"),
+        ({"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "A"}],
+          "rejected": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "B"}]},
+         "same conversation up to their last turn"),
+        ({"chosen": "A", "rejected": [{"role": "assistant", "content": "B"}]},
+         "both be texts or both be conversations"),
+        ({"chosen": [{"role": "assistant", "content": "A"}],
+          "rejected": [{"role": "assistant", "content": "B"}]}, "no prompt"),
+        ({"prompt": "p", "completion": 3}, "'completion': expected a string or a list"),
+    ],
+)  # fmt: skip
+def test_malformed_conversations_are_format_errors(record: dict[str, Any], message: str) -> None:
+    with pytest.raises(FormatError, match=message):
+        parse_record(record, "auto", "x")
 
 
 def test_ultrafeedback_scores_become_dense_ranks_with_ties() -> None:

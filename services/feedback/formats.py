@@ -5,13 +5,26 @@ into one ``FeedbackItem`` that then goes through the same validation as a gRPC s
                    ``{"comparison": {"prompt": ..., "responses": [{"text": ...},
                    {"generation_id": ...}], "ranks": [1, 2], "labeler_id": ..., "user_id": ...,
                    "idempotency_key": ...}}`` or ``{"demonstration": {...}}``.
-``hh``             Anthropic HH-RLHF pairs: ``{"chosen": T1, "rejected": T2}`` where both are
-                   ``"\\n\\nHuman: ... \\n\\nAssistant: ..."`` transcripts that share everything
-                   up to the last assistant turn (that shared part is the prompt), or with an
-                   explicit ``"prompt"`` and plain ``chosen``/``rejected`` responses.
+``hh``             Preference pairs. Anthropic HH-RLHF: ``{"chosen": T1, "rejected": T2}`` where
+                   both are ``"\\n\\nHuman: ... \\n\\nAssistant: ..."`` transcripts that share
+                   everything up to the last assistant turn (that shared part is the prompt), or
+                   with an explicit ``"prompt"`` and plain ``chosen``/``rejected`` responses.
+                   Conversational (TRL's preference format, UltraFeedback-binarized):
+                   ``chosen``/``rejected`` are lists of ``{"role", "content"}`` messages, the
+                   same conversation up to a last assistant turn each (the prompt, a chat
+                   conversation), optionally after an explicit ``"prompt"`` list of messages.
 ``ultrafeedback``  ``{"instruction" | "prompt": ..., "completions": [{"response": ...,
                    "overall_score" | "fine-grained_score" | "score" | "rating": ...}, ...]}``:
-                   higher score ranks better, equal scores are ties.
+                   higher score ranks better, equal scores are ties; the prompt may be a list
+                   of messages (a conversation).
+``sft``            Demonstrations as chat transcripts (TRL's conversational formats):
+                   ``{"messages": [..., {"role": "assistant", "content": ...}]}`` (the last turn
+                   is the demonstration, the turns before it the conversation), or
+                   ``{"prompt": str | [messages], "completion": str | [one assistant message]}``.
+
+A conversation is checked by the gateway exactly as a gRPC submission's ``messages`` are
+(roles ``system``/``user``/``assistant``, no empty turn, the prompt size limit); a parser
+only checks the shape (each message an object with string ``role`` and ``content``).
 
 Public datasets carry no labeler or user ids. A line may give ``labeler_id``/``user_id``;
 otherwise the labeler is the importer's ``--labeler-id`` and the user id is derived from the
@@ -28,9 +41,10 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from rlhf.v1 import feedback_pb2
+from rlhf.chat import Message, Prompt, prompt_text
+from rlhf.v1 import feedback_pb2, inference_pb2
 
-FORMATS = ("auto", "feedback", "hh", "ultrafeedback")
+FORMATS = ("auto", "feedback", "hh", "ultrafeedback", "sft")
 
 HH_ASSISTANT = "\n\nAssistant:"
 _SCORE_KEYS = ("overall_score", "fine-grained_score", "score", "rating")
@@ -52,17 +66,80 @@ def detect(record: Mapping[str, Any]) -> str:
         return "hh"
     if "completions" in record:
         return "ultrafeedback"
+    if "messages" in record or "completion" in record:
+        return "sft"
     raise FormatError(
         f"unknown record with keys {sorted(record)[:6]}; expected comparison/demonstration, "
-        "chosen/rejected or completions"
+        "chosen/rejected, completions, messages or prompt/completion"
     )
 
 
 def _string(record: Mapping[str, Any], key: str) -> str:
     value = record.get(key)
     if not isinstance(value, str):
-        raise FormatError(f"{key!r}: expected a string, got {type(value).__name__}")
+        raise FormatError(
+            f"{key!r}: expected a string or a list of messages, got {type(value).__name__}"
+        )
     return value
+
+
+def _messages(value: Any, key: str) -> tuple[Message, ...]:
+    """A JSON list of ``{"role", "content"}`` objects (both strings) as messages."""
+    if not isinstance(value, list):
+        raise FormatError(f"{key!r}: expected a list of messages, got {type(value).__name__}")
+    out = []
+    for i, m in enumerate(value):
+        if not (
+            isinstance(m, Mapping)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+        ):
+            raise FormatError(
+                f'{key}[{i}]: expected a message {{"role": string, "content": string}}'
+            )
+        out.append(Message(m["role"], m["content"]))
+    return tuple(out)
+
+
+def _last_turn(messages: tuple[Message, ...], key: str) -> tuple[tuple[Message, ...], str]:
+    """(the turns before it, the text of) a conversation's last turn, the assistant's."""
+    if not messages or messages[-1].role != "assistant":
+        raise FormatError(f"{key!r}: the last message must be the assistant's (the response)")
+    return messages[:-1], messages[-1].content
+
+
+def _prompt_value(record: Mapping[str, Any], key: str) -> Prompt:
+    """A prompt given as a string or as a list of messages."""
+    value = record.get(key)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return _messages(value, key)
+    raise FormatError(f"{key!r}: expected a string or a list of messages")
+
+
+def _pair(record: Mapping[str, Any]) -> tuple[Prompt, str, str]:
+    """(prompt, chosen, rejected) of a preference pair given as chat conversations."""
+    chosen, rejected = record.get("chosen"), record.get("rejected")
+    if not (isinstance(chosen, list) and isinstance(rejected, list)):
+        raise FormatError("'chosen' and 'rejected' must both be texts or both be conversations")
+    before_a, text_a = _last_turn(_messages(chosen, "chosen"), "chosen")
+    before_b, text_b = _last_turn(_messages(rejected, "rejected"), "rejected")
+    if before_a != before_b:
+        raise FormatError(
+            "'chosen' and 'rejected' must be the same conversation up to their last turn"
+        )
+    explicit = record.get("prompt")
+    if isinstance(explicit, list):
+        conversation = (*_messages(explicit, "prompt"), *before_a)
+    elif before_a:
+        # UltraFeedback-binarized also keeps the first user turn as a string "prompt".
+        conversation = before_a
+    elif isinstance(explicit, str):
+        return explicit, text_a.strip(), text_b.strip()
+    else:
+        raise FormatError("no prompt: give 'prompt' or the turns before the responses")
+    return conversation, text_a.strip(), text_b.strip()
 
 
 def split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
@@ -108,25 +185,67 @@ def _response(completion: Mapping[str, Any], index: int) -> str:
     raise FormatError(f"completions[{index}]: no response text (one of {list(_RESPONSE_KEYS)})")
 
 
+def _ids(
+    record: Mapping[str, Any], prompt: Prompt, labeler_id: str, line_key: str
+) -> dict[str, Any]:
+    """labeler_id, user_id and idempotency_key of a public-dataset line (given or derived)."""
+    user_id = record.get("user_id")
+    key = record.get("idempotency_key")
+    return {
+        "labeler_id": str(record.get("labeler_id") or labeler_id),
+        "user_id": str(user_id) if user_id else f"prompt:{_digest(prompt_text(prompt))[:16]}",
+        "idempotency_key": str(key) if key else f"import:{line_key}",
+    }
+
+
+def _prompt_fields(prompt: Prompt) -> dict[str, Any]:
+    """The ``prompt`` or ``messages`` field of a request for ``prompt``."""
+    if isinstance(prompt, str):
+        return {"prompt": prompt}
+    return {"messages": [inference_pb2.ChatMessage(role=m.role, content=m.content) for m in prompt]}
+
+
 def _comparison(
     record: Mapping[str, Any],
-    prompt: str,
+    prompt: Prompt,
     texts: list[str],
     ranks: list[int],
     labeler_id: str,
     line_key: str,
 ) -> feedback_pb2.FeedbackItem:
-    user_id = record.get("user_id")
-    key = record.get("idempotency_key")
     comparison = feedback_pb2.ComparisonRequest(
-        prompt=prompt,
         responses=[feedback_pb2.ResponseRef(text=t) for t in texts],
         ranks=ranks,
-        labeler_id=str(record.get("labeler_id") or labeler_id),
-        user_id=str(user_id) if user_id else f"prompt:{_digest(prompt)[:16]}",
-        idempotency_key=str(key) if key else f"import:{line_key}",
+        **_prompt_fields(prompt),
+        **_ids(record, prompt, labeler_id, line_key),
     )
     return feedback_pb2.FeedbackItem(comparison=comparison)
+
+
+def _demonstration(
+    record: Mapping[str, Any], labeler_id: str, line_key: str
+) -> feedback_pb2.FeedbackItem:
+    prompt: Prompt
+    if "messages" in record:
+        prompt, response = _last_turn(_messages(record["messages"], "messages"), "messages")
+        if not prompt:
+            raise FormatError("'messages': no turn before the assistant's response")
+    else:
+        prompt = _prompt_value(record, "prompt")
+        completion = record.get("completion")
+        if isinstance(completion, list):
+            turns = _messages(completion, "completion")
+            if len(turns) != 1:
+                raise FormatError("'completion': expected one assistant message")
+            response = _last_turn(turns, "completion")[1]
+        elif isinstance(completion, str):
+            response = completion
+        else:
+            raise FormatError("'completion': expected a string or a list of messages")
+    demonstration = feedback_pb2.DemonstrationRequest(
+        response=response, **_prompt_fields(prompt), **_ids(record, prompt, labeler_id, line_key)
+    )
+    return feedback_pb2.FeedbackItem(demonstration=demonstration)
 
 
 def parse_record(record: Any, fmt: str, labeler_id: str) -> feedback_pb2.FeedbackItem:
@@ -146,17 +265,21 @@ def parse_record(record: Any, fmt: str, labeler_id: str) -> feedback_pb2.Feedbac
             raise FormatError("expected a 'comparison' or 'demonstration' object")
         return item
     if fmt == "hh":
-        chosen, rejected = _string(record, "chosen"), _string(record, "rejected")
-        if "prompt" in record:
-            prompt = _string(record, "prompt")
-            chosen, rejected = chosen.strip(), rejected.strip()
+        prompt: Prompt
+        if isinstance(record.get("chosen"), list) or isinstance(record.get("rejected"), list):
+            prompt, chosen, rejected = _pair(record)
         else:
-            prompt, chosen, rejected = split_hh(chosen, rejected)
+            chosen, rejected = _string(record, "chosen"), _string(record, "rejected")
+            if "prompt" in record:
+                prompt = _prompt_value(record, "prompt")
+                chosen, rejected = chosen.strip(), rejected.strip()
+            else:
+                prompt, chosen, rejected = split_hh(chosen, rejected)
         return _comparison(record, prompt, [chosen, rejected], [1, 2], labeler_id, line_key)
+    if fmt == "sft":
+        return _demonstration(record, labeler_id, line_key)
     if fmt == "ultrafeedback":
-        prompt = record.get("instruction", record.get("prompt"))
-        if not isinstance(prompt, str):
-            raise FormatError("expected the prompt as a string under 'instruction' or 'prompt'")
+        prompt = _prompt_value(record, "instruction" if "instruction" in record else "prompt")
         completions = record.get("completions")
         if not isinstance(completions, list) or not all(
             isinstance(c, Mapping) for c in completions

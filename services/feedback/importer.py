@@ -196,8 +196,9 @@ def main(argv: list[str]) -> int:
         ImportConfig,
         args,
         prog="rlhf feedback import",
-        description="Import feedback from JSONL (own format, HH-RLHF pairs, UltraFeedback "
-        "ranked completions) through the gateway's validation into Kafka.",
+        description="Import feedback from JSONL (own format, HH-RLHF and chat preference "
+        "pairs, UltraFeedback ranked completions, SFT chat transcripts) through the gateway's "
+        "validation into Kafka.",
         env_prefix="RLHF_FEEDBACK_",
     )
     if not config.file:
