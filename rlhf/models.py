@@ -142,22 +142,33 @@ def save_policy(
     tok: PreTrainedTokenizerBase,
     out_dir: str | Path,
     dtype: torch.dtype | None = None,
+    state_dict: dict[str, Tensor] | None = None,
 ) -> Path:
     """save_pretrained of the model (cast to `dtype` on the way out, the model itself is left
-    as it is: the trainer keeps fp32 master weights) and its tokenizer."""
+    as it is: the trainer keeps fp32 master weights) and its tokenizer. `state_dict`: the
+    weights to write instead of the model's own (gathered from shards, LoRA merged)."""
     out = Path(out_dir)
-    _save_cast(model, out, dtype)
+    _save_cast(model, out, dtype, state_dict)
     save_tokenizer(tok, out)
     return out
 
 
-def _save_cast(model: PreTrainedModel, out: Path, dtype: torch.dtype | None) -> None:
-    if dtype is None or dtype == model.dtype:
+def _save_cast(
+    model: PreTrainedModel,
+    out: Path,
+    dtype: torch.dtype | None,
+    state: dict[str, Tensor] | None = None,
+) -> None:
+    if state is None and (dtype is None or dtype == model.dtype):
         model.save_pretrained(out)
         return
-    state = {k: v.detach().to(dtype) if v.is_floating_point() else v
-             for k, v in model.state_dict().items()}  # fmt: skip
+    state = model.state_dict() if state is None else state
+    if dtype is not None:
+        state = {k: v.detach().to(dtype) if v.is_floating_point() else v
+                 for k, v in state.items()}  # fmt: skip
     model.save_pretrained(out, state_dict=state)
+    if dtype is None:
+        return
     # save_pretrained writes the model's own dtype; config.json must say what the weights are.
     config = json.loads((out / "config.json").read_text())
     config["dtype"] = str(dtype).removeprefix("torch.")
@@ -229,19 +240,23 @@ class RewardModel(nn.Module):
         out_dir: str | Path,
         tokenizer: PreTrainedTokenizerBase | None = None,
         dtype: torch.dtype | None = None,
+        state_dict: dict[str, Tensor] | None = None,
     ) -> Path:
-        """The trunk as a HF directory (cast to `dtype` if given), the fp32 head, the bias."""
+        """The trunk as a HF directory (cast to `dtype` if given), the fp32 head, the bias.
+        `state_dict`: this module's weights to write instead of its own (gathered shards)."""
         out = Path(out_dir)
-        _save_cast(self.trunk, out, dtype)
+        state = state_dict if state_dict is not None else self.state_dict()
+        trunk = {k.removeprefix("trunk."): v for k, v in state.items() if k.startswith("trunk.")}
+        _save_cast(self.trunk, out, dtype, trunk if state_dict is not None else None)
         if tokenizer is not None:
             save_tokenizer(tokenizer, out)
         head = {
-            "head.weight": self.head.weight.detach().float().cpu().contiguous(),
-            "head.bias": self.head.bias.detach().float().cpu().contiguous(),
-            "bias": self.bias.detach().float().cpu().reshape(1).contiguous(),
+            "head.weight": state["head.weight"].detach().float().cpu().contiguous(),
+            "head.bias": state["head.bias"].detach().float().cpu().contiguous(),
+            "bias": state["bias"].detach().float().cpu().reshape(1).contiguous(),
         }
         save_file(head, str(out / REWARD_HEAD_FILE))
-        meta = {"kind": "reward_model", "head_file": REWARD_HEAD_FILE, "bias": float(self.bias)}
+        meta = {"kind": "reward_model", "head_file": REWARD_HEAD_FILE, "bias": float(head["bias"])}
         (out / REWARD_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         return out
 

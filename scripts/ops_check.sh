@@ -2,9 +2,10 @@
 # Checks the deployment artefacts with the real tools (installed by scripts/ops_tools.sh):
 #
 #   1. helm lint --strict, default values and helm/rlhf/ci/all-features-values.yaml
-#   2. helm template for both, for every Kubernetes version in OPS_KUBE_VERSIONS (the chart's
+#   2. helm template for both and for helm/rlhf/ci/multinode-values.yaml (the trainer as a
+#      Kubeflow PyTorchJob), for every Kubernetes version in OPS_KUBE_VERSIONS (the chart's
 #      minimum and a recent one), validated by kubeconform -strict against that version's
-#      schemas; ServiceMonitor and PrometheusRule against their CRD schemas
+#      schemas; ServiceMonitor, PrometheusRule and PyTorchJob against their CRD schemas
 #   3. promtool check rules and promtool test rules on the alert rules
 #
 # Exits non-zero at the first failure. Rendered manifests are kept in $OPS_OUT when set.
@@ -15,6 +16,7 @@ export PATH="$OPS_BIN:$PATH"
 
 chart="$root/helm/rlhf"
 all_features="$chart/ci/all-features-values.yaml"
+multinode="$chart/ci/multinode-values.yaml"
 rules="$root/deploy/prometheus/alerts.yaml"
 rules_test="$root/deploy/prometheus/alerts_test.yaml"
 out=${OPS_OUT:-$(mktemp -d)}
@@ -28,16 +30,19 @@ echo "== helm lint (default values)"
 helm lint --strict --kube-version "$min_version" "$chart"
 echo "== helm lint (all features on)"
 helm lint --strict --kube-version "$min_version" -f "$all_features" "$chart"
+echo "== helm lint (trainer over several nodes)"
+helm lint --strict --kube-version "$min_version" -f "$multinode" "$chart"
 
 # Strimzi publishes its CRDs only as release assets and in its Helm chart repository, neither
 # of which is a package registry this machine reaches (the io.strimzi:api jar on Maven Central
 # holds the Java model, not the CRD), so KafkaTopic is not schema-checked here.
 echo "== kubeconform: skipping KafkaTopic (kafka.strimzi.io/v1beta2): no registry reachable from here ships Strimzi's CRD schema"
 for version in $OPS_KUBE_VERSIONS; do
-  for values in default all-features; do
+  for values in default all-features multinode; do
     manifest="$out/$values-k8s-$version.yaml"
     args=(template rlhf "$chart" --namespace rlhf --kube-version "$version")
-    [ "$values" = default ] || args+=(-f "$all_features")
+    [ "$values" = all-features ] && args+=(-f "$all_features")
+    [ "$values" = multinode ] && args+=(-f "$multinode")
     echo "== helm template ($values values, Kubernetes $version) | kubeconform -strict"
     helm "${args[@]}" >"$manifest"
     kubeconform -strict -summary -kubernetes-version "$version" \

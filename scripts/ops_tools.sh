@@ -6,7 +6,8 @@
 #   promtool, prometheus  Debian's `prometheus` package (apt-get)
 #   Kubernetes schemas    the JSON schemas shipped in the kubernetes-validate wheel (PyPI)
 #   CRD schemas           ServiceMonitor and PrometheusRule, converted from the CRDs in the
-#                         prometheus-operator Go module by kubeconform's openapi2jsonschema.py
+#                         prometheus-operator Go module by kubeconform's openapi2jsonschema.py;
+#                         PyTorchJob likewise from the Kubeflow training-operator Go module
 #
 # Everything lands under $RLHF_CACHE (default ~/.cache/rlhf), keyed by version, so a machine
 # builds it once, not once per CI run: building helm takes over a minute on 2 cores.
@@ -14,7 +15,7 @@
 # eval "$(scripts/ops_tools.sh)":
 #   OPS_BIN=...           helm, kubeconform, promtool, prometheus
 #   OPS_KUBE_SCHEMAS=...  v<version>-local-strict/ folders, one per version in OPS_KUBE_VERSIONS
-#   OPS_CRD_SCHEMAS=...   servicemonitor_v1.json, prometheusrule_v1.json
+#   OPS_CRD_SCHEMAS=...   servicemonitor_v1.json, prometheusrule_v1.json, pytorchjob_v1.json
 #   OPS_KUBE_VERSIONS=... the Kubernetes versions to validate against
 set -euo pipefail
 
@@ -22,6 +23,7 @@ HELM_VERSION=${HELM_VERSION:-v3.22.0}
 KUBECONFORM_VERSION=${KUBECONFORM_VERSION:-v0.8.0}
 KUBERNETES_VALIDATE_VERSION=${KUBERNETES_VALIDATE_VERSION:-1.37.0}
 PROMETHEUS_OPERATOR_VERSION=${PROMETHEUS_OPERATOR_VERSION:-v0.85.0}
+TRAINING_OPERATOR_VERSION=${TRAINING_OPERATOR_VERSION:-v1.9.3}
 # The Kubernetes versions scripts/ops_check.sh validates against: the chart's minimum
 # (Chart.yaml kubeVersion) and a recent one.
 KUBE_VERSIONS=${KUBE_VERSIONS:-"1.27.0 1.35.0"}
@@ -122,13 +124,16 @@ done
 
 # CRD schemas for kubeconform ({kind}_{version}.json), from the CRDs the prometheus-operator
 # module ships, converted by the script kubeconform's module ships for exactly this.
-crd_dir="$schemas/crds-prometheus-operator-$PROMETHEUS_OPERATOR_VERSION"
-if [ ! -f "$crd_dir/servicemonitor_v1.json" ] || [ ! -f "$crd_dir/prometheusrule_v1.json" ]; then
-  need_go "the ServiceMonitor/PrometheusRule schemas"
-  echo "converting the prometheus-operator $PROMETHEUS_OPERATOR_VERSION CRDs to JSON schemas" >&2
-  module_dir() { (cd / && go mod download -json "$1" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p'); }
+crd_dir="$schemas/crds-prometheus-operator-$PROMETHEUS_OPERATOR_VERSION-training-operator-$TRAINING_OPERATOR_VERSION"
+module_dir() { (cd / && go mod download -json "$1" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p'); }
+if [ ! -f "$crd_dir/servicemonitor_v1.json" ] || [ ! -f "$crd_dir/prometheusrule_v1.json" ] ||
+  [ ! -f "$crd_dir/pytorchjob_v1.json" ]; then
+  need_go "the ServiceMonitor/PrometheusRule/PyTorchJob schemas"
+  echo "converting the prometheus-operator $PROMETHEUS_OPERATOR_VERSION and training-operator $TRAINING_OPERATOR_VERSION CRDs to JSON schemas" >&2
   operator=$(module_dir "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION") ||
     fail "could not download the prometheus-operator module $PROMETHEUS_OPERATOR_VERSION"
+  training=$(module_dir "github.com/kubeflow/training-operator@$TRAINING_OPERATOR_VERSION") ||
+    fail "could not download the training-operator module $TRAINING_OPERATOR_VERSION"
   kubeconform_src=$(module_dir "github.com/yannh/kubeconform@$KUBECONFORM_VERSION") ||
     fail "could not download the kubeconform module $KUBECONFORM_VERSION"
   # openapi2jsonschema.py needs PyYAML: $OPS_PYTHON, else python3 when it has it, else the
@@ -140,8 +145,9 @@ if [ ! -f "$crd_dir/servicemonitor_v1.json" ] || [ ! -f "$crd_dir/prometheusrule
   mkdir -p "$crd_dir"
   (cd "$crd_dir" && "$python" "$kubeconform_src/scripts/openapi2jsonschema.py" \
     "$operator/example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml" \
-    "$operator/example/prometheus-operator-crd/monitoring.coreos.com_prometheusrules.yaml" >&2) ||
-    fail "could not convert the prometheus-operator CRDs with openapi2jsonschema.py"
+    "$operator/example/prometheus-operator-crd/monitoring.coreos.com_prometheusrules.yaml" \
+    "$training/manifests/base/crds/kubeflow.org_pytorchjobs.yaml" >&2) ||
+    fail "could not convert the CRDs with openapi2jsonschema.py"
 fi
 
 echo "OPS_BIN=$bin"

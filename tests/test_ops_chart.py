@@ -75,9 +75,10 @@ def test_ops_check_passes(ops_env: dict[str, str], tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     out = done.stdout
-    # Every rendered resource was validated, none skipped except the KafkaTopics (no schema).
-    assert out.count("Invalid: 0, Errors: 0") == 4, out
-    assert out.count("Valid: 20, Invalid: 0, Errors: 0, Skipped: 0") == 2, out
+    # Every rendered resource was validated, none skipped except the KafkaTopics (no schema);
+    # the multi-node trainer's PyTorchJob against the training-operator's CRD schema.
+    assert out.count("Invalid: 0, Errors: 0") == 6, out
+    assert out.count("Valid: 20, Invalid: 0, Errors: 0, Skipped: 0") == 4, out
     assert out.count("Valid: 26, Invalid: 0, Errors: 0, Skipped: 8") == 2, out
     assert "skipping KafkaTopic" in out
     assert "SUCCESS: 13 rules found" in out
@@ -369,3 +370,46 @@ def test_tls_from_a_secret_with_https_probes(
         "ca": {"secret": {"name": "rlhf-tls", "key": "ca.crt"}}, "serverName": "rlhf.rlhf.svc"
     }  # fmt: skip
     assert "scheme" not in monitors["rlhf-trainer"]["endpoints"][0]
+
+
+def test_trainer_runs_torchrun_with_a_process_per_gpu(
+    helm: Callable[..., subprocess.CompletedProcess[str]],
+) -> None:
+    docs = render(helm, "--set", "trainer.gpu.count=4")
+    pod = find(docs, "Deployment", "rlhf-trainer")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["command"] == ["torchrun"]
+    assert container["args"][:5] == [
+        "--standalone",
+        "--nproc-per-node=4",
+        "--max-restarts=3",
+        "-m",
+        "rlhf",
+    ]
+    assert container["args"][5:8] == ["train", "--config", "/etc/rlhf/config/config.yaml"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 4
+    cpu = find(render(helm, "--set", "trainer.gpu.count=0"), "Deployment", "rlhf-trainer")
+    assert "command" not in cpu["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_multinode_trainer_is_a_pytorchjob(
+    helm: Callable[..., subprocess.CompletedProcess[str]],
+) -> None:
+    docs = render(helm, "-f", str(CHART / "ci" / "multinode-values.yaml"))
+    assert not [
+        d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "rlhf-trainer"
+    ]
+    job = find(docs, "PyTorchJob", "rlhf-trainer")
+    assert job["apiVersion"] == "kubeflow.org/v1" and job["spec"]["nprocPerNode"] == "8"
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    assert (replicas["Master"]["replicas"], replicas["Worker"]["replicas"]) == (1, 3)
+    master = replicas["Master"]["template"]["spec"]["containers"][0]
+    worker = replicas["Worker"]["template"]["spec"]["containers"][0]
+    for container in (master, worker):
+        assert container["command"] == ["torchrun"]
+        assert container["args"][:3] == ["--nproc-per-node=8", "-m", "rlhf"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
+    # Rank 0 alone serves /metrics, and the Service selects it alone.
+    assert "ports" in master and "ports" not in worker and "livenessProbe" not in worker
+    service = find(docs, "Service", "rlhf-trainer")
+    assert service["spec"]["selector"]["training.kubeflow.org/replica-type"] == "master"

@@ -17,6 +17,9 @@ from transformers import PreTrainedTokenizerBase
 from rlhf.config import option, section
 from rlhf.encoding import EncodingSpec, has_chat_template
 from rlhf.streams import StreamsConfig
+from trainer.distributed import DistributedConfig
+from trainer.lora import LoRAConfig
+from trainer.plan import MemoryConfig
 
 _DEVICES = ("auto", "cpu", "cuda")
 
@@ -387,6 +390,15 @@ class TrainerConfig:
     data: DataConfig = section(DataConfig, "consumers and training buffers")
     gates: GatesConfig = section(GatesConfig, "evaluation gates before publishing")
     schedule: ScheduleConfig = section(ScheduleConfig, "when rounds start")
+    distributed: DistributedConfig = section(
+        DistributedConfig, "torchrun jobs: FSDP2 sharding of the models (trainer.distributed)"
+    )
+    memory: MemoryConfig = section(
+        MemoryConfig, "memory levers and the memory plan a round must fit (trainer.plan)"
+    )
+    lora: LoRAConfig = section(
+        LoRAConfig, "LoRA adapters for SFT and PPO-ptx rounds (trainer.lora)"
+    )
 
     def __post_init__(self) -> None:
         if self.device not in _DEVICES:
@@ -400,6 +412,11 @@ class TrainerConfig:
         if self.publish_dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(
                 f"publish_dtype must be auto, float32 or bfloat16, got {self.publish_dtype!r}"
+            )
+        if self.lora.enabled and self.ppo.ema_decay > 0:
+            raise ValueError(
+                "lora.enabled needs ppo.ema_decay 0: an average of the LoRA factors is not an "
+                "average of the weights (set --ppo.ema-decay 0)"
             )
         if self.ppo.max_new_tokens > self.encoding.max_response_tokens:
             raise ValueError(

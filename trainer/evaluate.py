@@ -7,7 +7,7 @@ like with like.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -104,6 +104,7 @@ def sample_and_score(
     temperature: float,
     seed: int,
     batch_size: int = 64,
+    all_done: Callable[[bool], bool] | None = None,
 ) -> Samples:
     """One sampled response per prompt with its RM reward and KL(π || π_SFT) in nats."""
     responses: list[str] = []
@@ -113,6 +114,12 @@ def sample_and_score(
     # random numbers, and the trainer's other random streams are left alone.
     generator = torch.Generator(policy.device).manual_seed(seed)
     for i in range(0, len(prompts), batch_size):
+        chunk = list(prompts[i : i + batch_size])
+        # Every rank of a distributed job evaluates the same prompts; their sampling loops
+        # end together (``all_done``), as each forward pass is a collective there.
+        part = ppo.BatchSlice.whole(len(chunk))
+        if all_done is not None:
+            part = ppo.BatchSlice(part.rows, part.total, all_done)
         # The RM stands in for the value network: rollout's advantages are not used here.
         ro = ppo.rollout(
             policy,
@@ -121,12 +128,13 @@ def sample_and_score(
             rm,
             tok,
             spec,
-            list(prompts[i : i + batch_size]),
+            chunk,
             beta=0.0,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             whiten_advantages=False,
             generator=generator,
+            part=part,
         )
         responses += ro.responses
         rewards += ro.rm_score.float().cpu().tolist()
@@ -160,6 +168,7 @@ def policy_eval(
     temperature: float,
     ptx_tokens: int,
     seed: int,
+    all_done: Callable[[bool], bool] | None = None,
 ) -> tuple[PolicyEval, Samples | None]:
     samples = None
     if rm is not None and prompts:
@@ -173,6 +182,7 @@ def policy_eval(
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             seed=seed,
+            all_done=all_done,
         )
     result = PolicyEval(
         mean_reward=sum(samples.rewards) / len(samples.rewards) if samples else None,

@@ -9,6 +9,12 @@ from the models of ``rlhf model init`` in ``base_model`` and the beginning of th
 
 SIGTERM stops between steps: a round in progress is dropped (nothing of it was published or
 committed), so a stop never takes longer than one optimizer step or one generation batch.
+
+Under ``torchrun`` (``trainer.distributed``) every process runs this: rank 0 does all of the
+above and broadcasts the pretraining corpus and each round's records; the other ranks open
+no Kafka client and no metrics port, and run the rounds they are given (``rounds.follow``).
+
+``rlhf train plan ...`` prints the memory plan instead (``trainer.plan_cli``).
 """
 
 from __future__ import annotations
@@ -31,10 +37,11 @@ from trainer import state as state_lib
 from trainer.config import TrainerConfig
 from trainer.corpus import PretrainCorpus
 from trainer.data import Offsets, TrainingData
+from trainer.distributed import Dist
 from trainer.metrics import TrainerMetrics
 from trainer.reader import StreamReader, StreamTopics
 from trainer.registry import POLICY, REWARD
-from trainer.rounds import Trainer
+from trainer.rounds import Trainer, follow
 
 log = logging.getLogger("rlhf.trainer")
 
@@ -81,13 +88,34 @@ def run(
     registry: CollectorRegistry | None = None,
     stop: threading.Event | None = None,
     serve_metrics: bool = True,
-) -> Trainer:
-    """Runs the trainer until ``stop`` is set (or max_rounds); returns it for inspection."""
+) -> Trainer | None:
+    """Runs the trainer until ``stop`` is set (or max_rounds); returns it for inspection (on
+    rank 0; the other ranks of a torchrun job return None)."""
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
+    dist = Dist.start(cfg.distributed, resolve_device(cfg.device))
+    try:
+        if not dist.is_main:
+            corpus: PretrainCorpus = dist.broadcast(None)
+            rounds = follow(cfg, dist, corpus, dist.device, stop or threading.Event())
+            log.info("rank %d stops after %d rounds", dist.rank, rounds)
+            return None
+        return _run_main(cfg, dist, registry=registry, stop=stop, serve_metrics=serve_metrics)
+    finally:
+        dist.close()
+
+
+def _run_main(
+    cfg: TrainerConfig,
+    dist: Dist,
+    *,
+    registry: CollectorRegistry | None,
+    stop: threading.Event | None,
+    serve_metrics: bool,
+) -> Trainer:
+    device = dist.device
     check_models(cfg)
     stale = checkpoint.remove_stale_staging(cfg.registry)
     if stale:
@@ -128,16 +156,20 @@ def run(
     log.info("encoding examples with %s", spec)
     data = TrainingData(cfg.data, conversations=spec.chat_template)
     reader = StreamReader(consumer, data, stream_topics, resume, cfg.data, metrics)
+    corpus = PretrainCorpus(cfg.pretrain_corpus, cfg.ptx_holdout_fraction)
+    if dist.world > 1:
+        dist.broadcast(corpus)
     trainer = Trainer(
         cfg,
         reader=reader,
         producer=producer,
         metrics=metrics,
         stream_topics=stream_topics,
-        corpus=PretrainCorpus(cfg.pretrain_corpus, cfg.ptx_holdout_fraction),
+        corpus=corpus,
         device=device,
         stop=stop,
         spec=spec,
+        dist=dist,
     )
     try:
         announced = registry_lib.announced_event_ids(
@@ -186,6 +218,10 @@ def _describe(offsets: Mapping[tuple[str, int], int]) -> str:
 
 
 def main(argv: list[str]) -> int:
+    if argv and argv[0] == "plan":
+        from trainer.plan_cli import main as plan_main
+
+        return plan_main(argv[1:])
     cfg = parse_config(
         TrainerConfig,
         argv,

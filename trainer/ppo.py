@@ -17,6 +17,9 @@
         surrogate + vf_coef·clipped value loss in one backward pass, then gamma_ptx·LM loss on
         `ptx` = (input_ids, attention_mask) in a second backward pass accumulated into the same
         gradients, then ONE optimizer.step().
+    ppo_backward(policy, value_model, batch, *, ..., weight=1.0, ptx_weight=1.0) -> PPOStats
+        Its backward passes alone: weighted gradients accumulate (micro-batches, ranks).
+    concat_rollouts(parts), whiten_rollout(ro)   data-parallel rollouts made whole again
     ema_update(ema_model, model, decay=0.992)      EMA of policy weights (paper)
     value_model_from_rm(rm) -> RewardModel         the value network
 
@@ -34,16 +37,18 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf import encoding, models
 from rlhf.encoding import EncodingSpec, Prompt
 from rlhf.models import RewardModel
 from trainer import losses
+from trainer.distributed import clip_and_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,11 +88,31 @@ class Rollout:
             )
         return Rollout(**picked)  # type: ignore[arg-type]
 
+    def to(self, device: str | torch.device) -> Rollout:
+        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return Rollout(**{k: v.to(device) if isinstance(v, Tensor) else v for k, v in moved.items()})  # type: ignore[arg-type]  # fmt: skip
+
     def minibatches(self, size: int, generator: torch.Generator | None = None) -> Iterator[Rollout]:
         """Shuffled minibatches covering every episode once (one PPO epoch)."""
         order = torch.randperm(len(self), generator=generator)
         for i in range(0, len(self), size):
             yield self.select(order[i : i + size])
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSlice:
+    """The rows ``rows`` of a ``total``-row batch that this process samples (data-parallel
+    rollouts, ``trainer.distributed``). Every process draws the random numbers of the whole
+    batch at each decode step and keeps its rows', and the loop runs until ``all_done`` says
+    every process is done, so a response does not depend on how the batch was split."""
+
+    rows: range
+    total: int
+    all_done: Callable[[bool], bool] = lambda done: done
+
+    @staticmethod
+    def whole(n: int) -> BatchSlice:
+        return BatchSlice(range(n), n)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,20 +160,25 @@ def sample(
     eos: set[int],
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
+    part: BatchSlice | None = None,
 ) -> list[tuple[list[int], bool]]:
     """Samples a response per left-padded prompt from softmax(logits / temperature), exactly.
 
     Nothing else touches the distribution: no top-k/top-p, and none of the processors a
     model's ``generation_config`` would add to ``generate`` (repetition penalty, suppressed
     tokens, a minimum length...), so PPO's ratio starts from the very distribution the tokens
-    were drawn from. Returns each response's tokens (up to and including the first EOS) and
-    whether it ended with EOS (False: cut by ``max_new_tokens``).
+    were drawn from. Each token is the inverse CDF of one uniform draw, drawn for every row of
+    the whole batch (``part``: which rows these are) so the draws do not depend on the split.
+    Returns each response's tokens (up to and including the first EOS) and whether it ended
+    with EOS (False: cut by ``max_new_tokens``).
     """
     device = policy.device
+    part = part or BatchSlice.whole(ids.shape[0])
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
     eos_ids = torch.tensor(sorted(eos), device=device)
+    mine = torch.tensor(list(part.rows), dtype=torch.long, device=device)
     tokens: list[Tensor] = []
     past = None
     step_ids, step_pos = ids, positions
@@ -158,10 +188,13 @@ def sample(
                          past_key_values=past, use_cache=True)  # fmt: skip
         past = out.past_key_values
         probs = torch.softmax(out.logits[:, -1].float() / temperature, dim=-1)
-        token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        u = torch.rand(part.total, generator=generator, device=device)[mine]
+        cdf = probs.cumsum(dim=-1)
+        token = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(1)
+        token = token.clamp(max=probs.shape[-1] - 1)
         tokens.append(torch.where(done, torch.zeros_like(token), token))
         done = done | torch.isin(token, eos_ids)
-        if bool(done.all()):
+        if part.all_done(bool(done.all())):
             break
         step_ids, step_pos = token[:, None], step_pos[:, -1:] + 1
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
@@ -200,11 +233,14 @@ def rollout(
     whiten_advantages: bool = True,
     missing_eos_penalty: float = 0.0,
     generator: torch.Generator | None = None,
+    part: BatchSlice | None = None,
 ) -> Rollout:
+    """``part``: ``prompts`` are these rows of a larger batch (data-parallel rollouts);
+    whitening is then the caller's, over the whole batch (``whiten_rollout``)."""
     device = policy.device
     ids, mask = encoding.encode_prompts(tok, spec, prompts)
     cut = sample(policy, ids, mask, max_new_tokens=max_new_tokens, eos=eos_ids(policy, tok),
-                 temperature=temperature, generator=generator)  # fmt: skip
+                 temperature=temperature, generator=generator, part=part)  # fmt: skip
     prompt_ids = [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
     batch = encoding.join_pairs(prompt_ids, [c[0] for c in cut], tok.pad_token_id).to(device)
     ids, mask, action_mask = batch.input_ids, batch.attention_mask, batch.response_mask[:, 1:]
@@ -254,9 +290,31 @@ def ppo_step(
     max_grad_norm: float | None = 1.0,
     temperature: float = 1.0,
 ) -> PPOStats:
+    optimizer.zero_grad(set_to_none=True)
+    stats = ppo_backward(policy, value_model, batch, ptx=ptx, gamma_ptx=gamma_ptx, clip=clip,
+                         value_clip=value_clip, vf_coef=vf_coef, temperature=temperature)  # fmt: skip
+    # One optimizer step for both passes.
+    return dataclasses.replace(stats, grad_norm=clip_and_step(optimizer, max_grad_norm))
+
+
+def ppo_backward(
+    policy: PreTrainedModel,
+    value_model: RewardModel,
+    batch: Rollout,
+    *,
+    ptx: tuple[Tensor, Tensor] | None = None,
+    gamma_ptx: float = 0.0,
+    clip: float = 0.2,
+    value_clip: float = 0.2,
+    vf_coef: float = 0.5,
+    temperature: float = 1.0,
+    weight: float = 1.0,
+    ptx_weight: float = 1.0,
+) -> PPOStats:
+    """The two backward passes of ``ppo_step`` without the step: gradients of ``weight`` x
+    the PPO loss and ``ptx_weight`` x the ptx term accumulate (micro-batches, ranks)."""
     device = policy.device
     ids, mask, am = batch.input_ids, batch.attention_mask, batch.action_mask
-    optimizer.zero_grad(set_to_none=True)
 
     # Pass 1: clipped surrogate + clipped value loss on the rollout minibatch.
     with models.autocast(device):
@@ -269,7 +327,7 @@ def ppo_step(
     values = _values(value_model, ids, mask)
     policy_loss, clip_frac = losses.ppo_policy_loss(logp, batch.logp, batch.advantages, am, clip)
     v_loss = losses.value_loss(values, batch.values, batch.returns, am, value_clip)
-    (policy_loss + vf_coef * v_loss).backward()
+    (weight * (policy_loss + vf_coef * v_loss)).backward()
     del logits
 
     # Pass 2: γ · pretraining LM loss, accumulated into the same gradients (PPO-ptx).
@@ -279,15 +337,8 @@ def ppo_step(
         with models.autocast(device):
             ptx_logits = policy(input_ids=ptx_ids, attention_mask=ptx_mask).logits
         ptx_loss = losses.ptx_loss(ptx_logits, ptx_ids, ptx_mask)
-        (gamma_ptx * ptx_loss).backward()
+        (ptx_weight * gamma_ptx * ptx_loss).backward()
         ptx_value = ptx_loss.item()
-
-    # One optimizer step for both passes.
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = (
-        float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)) if max_grad_norm else 0.0
-    )
-    optimizer.step()
 
     return PPOStats(
         policy_loss=policy_loss.item(),
@@ -299,13 +350,43 @@ def ppo_step(
         entropy=float(entropy),
         mean_reward=float(batch.rm_score.mean()),
         mean_return=float(losses.masked_mean(batch.returns, am)),
-        grad_norm=grad_norm,
+        grad_norm=0.0,
         episodes=len(batch),
     )
 
 
+def concat_rollouts(parts: Sequence[Rollout]) -> Rollout:
+    """One rollout of the ranks' slices, in order; per-token tensors right-padded with zeros
+    to the longest (off-mask positions carry nothing: GAE and every loss are masked)."""
+    if len(parts) == 1:
+        return parts[0]
+    width = max(p.input_ids.shape[1] for p in parts)
+    joined: dict[str, object] = {}
+    for f in dataclasses.fields(Rollout):
+        values = [getattr(p, f.name) for p in parts]
+        if not isinstance(values[0], Tensor):
+            joined[f.name] = [item for v in values for item in v]
+            continue
+        if values[0].dim() == 2:
+            # input_ids are padded with zeros too: off the attention mask, never read.
+            full = width if values[0].shape[1] == parts[0].input_ids.shape[1] else width - 1
+            values = [torch.nn.functional.pad(v, (0, full - v.shape[1])) for v in values]
+        joined[f.name] = torch.cat(values)
+    return Rollout(**joined)  # type: ignore[arg-type]
+
+
+def whiten_rollout(ro: Rollout) -> Rollout:
+    """Advantages whitened over the whole batch (what ``rollout`` does for one process)."""
+    return dataclasses.replace(ro, advantages=losses.whiten(ro.advantages, ro.action_mask))
+
+
 @torch.no_grad()
 def ema_update(ema_model: nn.Module, model: nn.Module, decay: float = 0.992) -> None:
-    """ema ← decay · ema + (1 - decay) · model, parameter by parameter."""
+    """ema ← decay · ema + (1 - decay) · model, parameter by parameter (shard by shard when
+    both are sharded alike; a whole EMA copy takes the gathered parameter)."""
     for e, p in zip(ema_model.parameters(), model.parameters(), strict=True):
-        e.lerp_(p.to(e.dtype), 1.0 - decay)
+        if isinstance(e, DTensor):
+            target, source = e.to_local(), p.to_local() if isinstance(p, DTensor) else p
+        else:
+            target, source = e, p.full_tensor() if isinstance(p, DTensor) else p
+        target.lerp_(source.to(target.device, target.dtype), 1.0 - decay)

@@ -12,7 +12,6 @@ the pretraining loss may not regress (``trainer.gates``).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import random
@@ -21,15 +20,16 @@ from pathlib import Path
 
 import torch
 
-from rlhf import encoding, models
+from rlhf import encoding
 from rlhf.encoding import Prompt
-from trainer import evaluate, losses, ppo
+from trainer import evaluate, losses, ppo, ppo_models
 from trainer import registry as registry_lib
 from trainer import state as state_lib
 from trainer.config import PPOConfig
+from trainer.distributed import clip_and_step
 from trainer.gates import GateResult, policy_gate
 from trainer.registry import POLICY
-from trainer.round import Candidate, RoundContext, optimizer, prefixed
+from trainer.round import Candidate, RoundContext, prefixed, take
 
 KLController = losses.FixedKLController | losses.AdaptiveKLController
 _TRAIN_STATS = (
@@ -60,44 +60,27 @@ def run_ppo_round(
     """``pool``: train prompts to roll out on; ``val_prompts``: what the gates evaluate on;
     ``trained_ids``: the new served prompts this round accounts for (published, they leave
     the pending list)."""
-    cfg, c = ctx.cfg, ctx.cfg.ppo
+    cfg, c, dist = ctx.cfg, ctx.cfg.ppo, ctx.dist
+    if c.episodes < dist.world:
+        raise ValueError(
+            f"ppo.episodes ({c.episodes}) must be at least the world size ({dist.world})"
+        )
     start = registry_lib.policy_dir(cfg.registry, cfg.base_model)
     reference_path = registry_lib.reference_of(cfg.registry, start, cfg.base_model)
     in_registry = start.parent == cfg.registry / POLICY
     saved = state_lib.load(cfg.registry, start.name) if in_registry else None
-    # The published weights are the EMA when one is kept; training continues the raw ones.
-    raw = saved.raw_policy if saved is not None and saved.raw_policy is not None else start
-    policy, tok = registry_lib.load_policy(raw, ctx.device)
-    reference, _ = registry_lib.load_policy(reference_path, ctx.device)
-    rm, _ = registry_lib.load_rm(cfg.registry, cfg.base_model, ctx.device)
-    reference.requires_grad_(False)
-    rm.requires_grad_(False)
-    # The version published last: what the gates compare with (the EMA, when one is kept).
-    previous = policy if raw == start else registry_lib.load_policy(start, ctx.device)[0]
+    m = ppo_models.build(ctx, start, reference_path, saved)
+    policy, reference, rm, value, tok = m.policy, m.reference, m.rm, m.value, m.tok
     with ctx.phase("evaluation"):
         ref_eval, ref_samples = ctx.policy_eval(
             reference, reference, rm, tok, prompts=val_prompts, demos=[]
         )
-        before, _ = ctx.policy_eval(previous, reference, rm, tok, prompts=val_prompts, demos=[])
-    ema = None
-    if c.ema_decay > 0:
-        ema = previous if previous is not policy else copy.deepcopy(policy)
-    if saved is not None:
-        value = models.load_reward_model(saved.value, ctx.device, registry_lib.MASTER)[0]
-        value.requires_grad_(True)
-    else:
-        value = ppo.value_model_from_rm(rm)
-    opt = optimizer([*policy.parameters(), *value.parameters()], c.lr, c.adam_betas)
-    steps_before = 0
-    if saved is not None:
-        opt.load_state_dict(torch.load(saved.optimizer, map_location=ctx.device))
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] = c.lr  # the configured LR, not the saved one
-        steps_before = saved.steps
+        before, _ = ctx.policy_eval(m.previous, reference, rm, tok, prompts=val_prompts, demos=[])
     kl_ctl = kl_controller(c, saved.beta if saved is not None else None)
     warmup = max(1, c.warmup_iters)
+    steps_before = m.steps_before
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: min(1.0, (steps_before + step + 1) / warmup)
+        m.opt, lambda step: min(1.0, (steps_before + step + 1) / warmup)
     )
     rng = random.Random(f"{cfg.seed}:ppo:{ctx.round_index}:{len(pool)}:{steps_before}")
     generator = torch.Generator().manual_seed(rng.randrange(2**31))
@@ -105,15 +88,21 @@ def run_ppo_round(
     steps_per_iter = c.inner_epochs * math.ceil(c.episodes / c.minibatch_size)
     sums = dict.fromkeys(_TRAIN_STATS, 0.0)
     n_steps = 0
+    rows = dist.rows(c.episodes)
+    part = ppo.BatchSlice(rows, c.episodes, dist.all_done)
     with ctx.progress(c.iterations * steps_per_iter, "ppo") as bar:
         for _ in range(c.iterations):
             ctx.check_stop()
             prompts = [rng.choice(pool) for _ in range(c.episodes)]
             with ctx.phase("generation"):
-                ro = ppo.rollout(policy, reference, value, rm, tok, ctx.spec, prompts, beta=kl_ctl.value,
-                                 max_new_tokens=c.max_new_tokens,
-                                 temperature=c.temperature, gamma=c.gae_gamma, lam=c.gae_lambda,
-                                 missing_eos_penalty=c.missing_eos_penalty, generator=sampler)  # fmt: skip
+                mine = ppo.rollout(policy, reference, value, rm, tok, ctx.spec, [prompts[i] for i in rows],
+                                   beta=kl_ctl.value, max_new_tokens=c.max_new_tokens,
+                                   temperature=c.temperature, gamma=c.gae_gamma, lam=c.gae_lambda,
+                                   missing_eos_penalty=c.missing_eos_penalty, generator=sampler,
+                                   whiten_advantages=False, part=part)  # fmt: skip
+                # Every rank's episodes, advantages whitened over all of them.
+                parts = [p.to(mine.input_ids.device) for p in dist.gather(mine.to("cpu"))]
+                ro = ppo.whiten_rollout(ppo.concat_rollouts(parts))
             with ctx.phase("training"):
                 for _ in range(c.inner_epochs):
                     for mb in ro.minibatches(c.minibatch_size, generator):
@@ -122,18 +111,15 @@ def run_ppo_round(
                         if c.gamma_ptx > 0 and c.ptx_ratio > 0:
                             texts = ctx.corpus.sample(c.ptx_ratio * len(mb), rng)
                             ptx = encoding.encode_texts(tok, texts, c.ptx_seq_len)
-                        stats = ppo.ppo_step(policy, value, opt, mb, ptx=ptx, gamma_ptx=c.gamma_ptx,
-                                             clip=c.clip, value_clip=c.value_clip, vf_coef=c.vf_coef,
-                                             temperature=c.temperature)  # fmt: skip
+                        for name, v in _step(ctx, m, mb, ptx).items():
+                            sums[name] += v
                         schedule.step()
-                        if ema is not None:
-                            ppo.ema_update(ema, policy, c.ema_decay)
-                        for name in _TRAIN_STATS:
-                            sums[name] += getattr(stats, name)
+                        if m.ema is not None:
+                            ppo.ema_update(m.ema, policy, c.ema_decay)
                         n_steps += 1
                         bar.update()
             kl_ctl.update(float(ro.kl.mean()), len(ro))
-    published = ema if ema is not None else policy
+    published = m.published
     published.eval()
     with ctx.phase("evaluation"):
         after, samples = ctx.policy_eval(
@@ -153,18 +139,12 @@ def run_ppo_round(
     gate = policy_gate(cfg.gates, "ppo", after, before) if cfg.gates.enabled else GateResult()
     reference_name = registry_lib.reference_name(cfg.registry, reference_path)
 
-    def save(out: Path) -> None:
-        models.save_policy(published, tok, out, ctx.publish_dtype)
+    def save(out: Path | None) -> None:
+        ppo_models.save_published(ctx, m, out)
 
-    def save_state(out: Path) -> None:
-        # Trainer state stays fp32: the next round continues these exact master weights.
-        if ema is not None:
-            models.save_policy(policy, tok, out / state_lib.POLICY_DIR)
-        value.save(out / state_lib.VALUE_DIR, tok)
-        torch.save(opt.state_dict(), out / state_lib.OPTIMIZER_FILE)
-        state_lib.write_info(
-            out, reference=reference_name, beta=kl_ctl.value, steps=steps_before + n_steps
-        )
+    def save_state(out: Path | None) -> None:
+        ppo_models.save_state(ctx, m, out, reference=reference_name, beta=kl_ctl.value,
+                              steps=steps_before + n_steps)  # fmt: skip
 
     return Candidate(
         POLICY,
@@ -177,3 +157,39 @@ def run_ppo_round(
         reference=reference_name,
         save_state=save_state,
     )
+
+
+def _step(
+    ctx: RoundContext, m: ppo_models.PPOModels, mb: ppo.Rollout,
+    ptx: tuple[torch.Tensor, torch.Tensor] | None,
+) -> dict[str, float]:  # fmt: skip
+    """One optimizer step on a minibatch: this rank's micro-batches, each weighted by its
+    share of the minibatch's response tokens (and of the ptx tokens). Returns the step's
+    statistics over the whole minibatch."""
+    c, dist = ctx.cfg.ppo, ctx.dist
+    dist.reshard(m.policy, m.value)
+    parts = ctx.micro_batches(mb.action_mask.sum(dim=1).tolist())
+    ptx_parts = ctx.micro_batches(ptx[1][:, 1:].sum(dim=1).tolist()) if ptx is not None else None
+    token_stats = dict.fromkeys(
+        ("policy_loss", "value_loss", "clip_frac", "entropy", "ptx_loss"), 0.0
+    )
+    for i, (rows, weight) in enumerate(parts):
+        mb_ptx, ptx_weight = None, 0.0
+        if ptx is not None and ptx_parts is not None:
+            ptx_rows, ptx_weight = ptx_parts[i]
+            mb_ptx = take(ptx, ptx_rows)
+        stats = ppo.ppo_backward(m.policy, m.value, mb.select(torch.tensor(rows)), ptx=mb_ptx,
+                                 gamma_ptx=c.gamma_ptx, clip=c.clip, value_clip=c.value_clip,
+                                 vf_coef=c.vf_coef, temperature=c.temperature, weight=weight,
+                                 ptx_weight=ptx_weight)  # fmt: skip
+        for name in token_stats:
+            token_stats[name] += (ptx_weight if name == "ptx_loss" else weight) * getattr(
+                stats, name
+            )
+    clip_and_step(m.opt, 1.0)
+    totals = dist.sum(list(token_stats.values()))
+    out = {name: v / dist.grad_scale for name, v in zip(token_stats, totals, strict=True)}
+    # Episode statistics: every rank holds the whole minibatch.
+    out["kl"] = float(mb.kl.mean())
+    out["mean_reward"] = float(mb.rm_score.mean())
+    return out

@@ -6,6 +6,8 @@ encode_rankings(tok, spec, prompts, responses, ranks) -> RankBatch
     (PAPER.md), encoded by `rlhf.encoding` under `spec` (as the reward server scores it).
 rm_step(rm, optimizer, batch, *, max_grad_norm=1.0) -> RMStats
     One optimizer step of the K-way ranking loss over the B prompts of `batch`.
+rm_backward(rm, batch, *, weight=1.0) -> RMStats
+    Its forward and backward passes alone (weighted gradients accumulate; no step).
 rm_eval(rm, batch) -> RMStats                  loss and pairwise accuracy, no gradient
 fit_bias(rm, tok, spec, prompts, responses, *, batch_size=32) -> float
     After training: bias = -mean(raw reward of demonstrations), so they average 0.
@@ -25,6 +27,7 @@ from rlhf import encoding, models
 from rlhf.encoding import EncodingSpec, Prompt
 from rlhf.models import RewardModel
 from trainer import losses
+from trainer.distributed import clip_and_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,19 +114,21 @@ def rm_step(
     *,
     max_grad_norm: float | None = 1.0,
 ) -> RMStats:
+    optimizer.zero_grad(set_to_none=True)
+    stats = rm_backward(rm, batch)
+    return dataclasses.replace(stats, grad_norm=clip_and_step(optimizer, max_grad_norm))
+
+
+def rm_backward(rm: RewardModel, batch: RankBatch, *, weight: float = 1.0) -> RMStats:
+    """The forward and backward passes of ``rm_step``: gradients of ``weight`` x the loss
+    accumulate (micro-batches, ranks) until ``clip_and_step``."""
     batch = batch.to(rm.head.weight.device)
     rm.train()
-    optimizer.zero_grad(set_to_none=True)
     rewards = _grid_rewards(rm, batch)
     loss = losses.rm_ranking_loss(rewards, batch.ranks, batch.mask)
-    loss.backward()
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = (
-        float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)) if max_grad_norm else 0.0
-    )
-    optimizer.step()
+    (weight * loss).backward()
     rm.eval()
-    return _stats(rewards, batch, loss, grad_norm)
+    return _stats(rewards, batch, loss, 0.0)
 
 
 @torch.no_grad()

@@ -25,6 +25,20 @@ records stay pending, and the round type waits for more data or ``interval_s``.
 
 What a round does: ``trainer.sft_round``, ``trainer.rm_round``, ``trainer.ppo_round`` (each
 returns a ``trainer.round.Candidate``). Which models a round starts from: ``trainer.registry``.
+
+Under torchrun (``trainer.distributed``) rank 0 runs this loop; at the start of a round it
+broadcasts a ``RoundOrder`` (the round type and a snapshot of the records it trains and
+evaluates on), and the other ranks (``follow``) run the same round function on it. Rank 0
+broadcasts the gates' verdict; on a pass every rank takes part in gathering the weights
+(``Candidate.save``), which rank 0 alone writes, announces and commits. Between rounds rank
+0 sends a heartbeat order at least every ``distributed.heartbeat_s``, and a stop order when
+its loop ends. An error in a round is not survivable there (the ranks' collectives would
+no longer pair up): it ends the process, torchrun takes the job down, and the restarted job
+resumes from the manifest as after any crash.
+
+Before a round starts, the memory plan (``trainer.plan``) must say it fits the device;
+otherwise it is refused (like a failed gate: it waits for new data) with an error naming the
+option that would make it fit.
 """
 
 from __future__ import annotations
@@ -32,17 +46,21 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kafka.errors import KafkaError
 
 from rlhf import bus, checkpoint
-from rlhf.encoding import EncodingSpec
+from rlhf.encoding import EncodingSpec, Prompt
+from trainer import plan as plan_lib
 from trainer import registry as registry_lib
 from trainer import state as state_lib
 from trainer.config import TrainerConfig
 from trainer.corpus import PretrainCorpus
+from trainer.data import Comparison, Demonstration
+from trainer.distributed import Dist, DistributedConfig
 from trainer.gates import GateResult
 from trainer.metrics import TrainerMetrics
 from trainer.ppo_round import run_ppo_round
@@ -57,6 +75,44 @@ log = logging.getLogger(__name__)
 # Round type -> the data kind it trains on, and back.
 ROUND_KINDS = {"sft": "demonstrations", "rm": "comparisons", "ppo": "prompts"}
 _ROUND_OF = {kind: round_type for round_type, kind in ROUND_KINDS.items()}
+
+
+@dataclass(frozen=True)
+class RoundInputs:
+    """The records a round trains and evaluates on, as rank 0's buffers held them."""
+
+    demos: list[Demonstration] = field(default_factory=list)
+    val_demos: list[Demonstration] = field(default_factory=list)
+    comparisons: list[Comparison] = field(default_factory=list)
+    val_comparisons: list[Comparison] = field(default_factory=list)
+    test_comparisons: list[Comparison] = field(default_factory=list)
+    bias_demos: list[Demonstration] = field(default_factory=list)
+    pool: Sequence[Prompt] = field(default_factory=list)
+    val_prompts: Sequence[Prompt] = field(default_factory=list)
+    new_prompts: tuple[str, ...] = ()  # the served prompts a PPO-ptx round accounts for
+
+
+@dataclass(frozen=True)
+class RoundOrder:
+    """What rank 0 broadcasts: run a round (``kind``), keep waiting (``heartbeat``) or stop."""
+
+    kind: str  # sft | rm | ppo | heartbeat | stop
+    index: int = 0
+    spec: EncodingSpec | None = None
+    inputs: RoundInputs | None = None
+
+
+def train_round(ctx: RoundContext, inputs: RoundInputs) -> Candidate:
+    """The round function of ``ctx.round_type`` on ``inputs`` (on every rank)."""
+    if ctx.round_type == "sft":
+        return run_sft_round(ctx, inputs.demos, inputs.val_demos)
+    if ctx.round_type == "rm":
+        return run_rm_round(ctx, inputs.comparisons, val=inputs.val_comparisons,
+                            test=inputs.test_comparisons, bias_demos=inputs.bias_demos)  # fmt: skip
+    if ctx.round_type == "ppo":
+        return run_ppo_round(ctx, inputs.pool, val_prompts=inputs.val_prompts,
+                             trained_ids=inputs.new_prompts)  # fmt: skip
+    raise ValueError(f"unknown round type {ctx.round_type!r}")
 
 
 @dataclass
@@ -82,8 +138,10 @@ class Trainer:
         device: str,
         stop: threading.Event | None = None,
         spec: EncodingSpec | None = None,
+        dist: Dist | None = None,
     ) -> None:
         self.cfg = cfg
+        self.dist = dist or Dist(DistributedConfig(), device=device)
         self.reader = reader
         self.data = reader.data
         self.producer = producer
@@ -104,6 +162,9 @@ class Trainer:
         self.publish_dtype = registry_lib.publish_dtype(cfg.publish_dtype, device)
         # Round type -> (errors in a row, monotonic time before which it does not run again).
         self._errors: dict[str, tuple[int, float]] = {}
+        self._last_heartbeat = time.monotonic()
+        # A round dropped half-way: the other ranks are not waiting for an order any more.
+        self._aborted = False
 
     # ------------------------------------------------------------------ registry
 
@@ -167,8 +228,14 @@ class Trainer:
 
     def run(self) -> None:
         """Reads and trains until ``stop`` is set or ``schedule.max_rounds`` rounds ran."""
+        self._loop()
+        if self.dist.world > 1 and not self._aborted:
+            self.dist.broadcast(RoundOrder("stop"))
+
+    def _loop(self) -> None:
         last_gauges = 0.0
         while not self.stop.is_set():
+            self._heartbeat()
             read = self.reader.poll()
             if time.monotonic() - last_gauges > 5.0:
                 self.update_gauges()
@@ -185,8 +252,15 @@ class Trainer:
                 continue
             self.run_round(kind)
             self.rounds_run += 1
+            self._last_heartbeat = time.monotonic()
             if self.cfg.schedule.max_rounds and self.rounds_run >= self.cfg.schedule.max_rounds:
                 break
+
+    def _heartbeat(self) -> None:
+        since = time.monotonic() - self._last_heartbeat
+        if self.dist.world > 1 and since >= self.dist.cfg.heartbeat_s:
+            self.dist.broadcast(RoundOrder("heartbeat"))
+            self._last_heartbeat = time.monotonic()
 
     def update_gauges(self) -> None:
         for topic, lag in self.reader.lag().items():
@@ -201,14 +275,26 @@ class Trainer:
         result = RoundResult(round_type, "error")
         ctx = RoundContext(
             self.cfg, self.corpus, self.device, round_type, self.spec, self.publish_dtype,
-            self.rounds_run, self.stop,
+            self.rounds_run, self.stop, dist=self.dist,
         )  # fmt: skip
+        try:
+            self.check_memory(round_type)
+        except plan_lib.DoesNotFit as exc:
+            log.error("%s round refused: %s", round_type, exc)
+            self._held[round_type] = self._new_data(round_type)
+            self._last_round = time.monotonic()
+            self.metrics.rounds.labels(type=round_type, outcome="refused").inc()
+            return RoundResult(round_type, "refused")
         log.info("%s round started", round_type)
         try:
-            candidate = self._train(ctx)
+            inputs = self._inputs(round_type)
+            if self.dist.world > 1:
+                self.dist.broadcast(RoundOrder(round_type, self.rounds_run, self.spec, inputs))
+            candidate = train_round(ctx, inputs)
+            passed = self.dist.broadcast(candidate.gate.passed)
             result.metrics, result.gate = candidate.metrics, candidate.gate
             self.metrics.record_round(round_type, candidate.metrics)
-            if not candidate.gate.passed:
+            if not passed:
                 result.outcome = "gate_failed"
                 self._held[round_type] = self._new_data(round_type)
                 for failure in candidate.gate.failures:
@@ -226,9 +312,12 @@ class Trainer:
             self._errors.pop(round_type, None)
         except RoundAborted:
             result.outcome = "aborted"
+            self._aborted = True
             log.info("%s round aborted: the trainer is stopping", round_type)
         except Exception as exc:
             self._back_off(round_type, exc)
+            if self.dist.world > 1:
+                raise  # the other ranks cannot carry on: the job stops and restarts
         finally:
             self._last_round = time.monotonic()
         result.phases = ctx.phases
@@ -280,27 +369,31 @@ class Trainer:
         log.warning("parked %d %s after %d rounds held back by gates", len(doomed), kind,
                     self.cfg.schedule.park_after_failures)  # fmt: skip
 
-    def _train(self, ctx: RoundContext) -> Candidate:
-        """The round function of ``ctx.round_type`` on the buffers' current data."""
+    def _inputs(self, round_type: str) -> RoundInputs:
+        """A snapshot of the buffers for a round of ``round_type``."""
         data = self.data
-        if ctx.round_type == "sft":
-            return run_sft_round(
-                ctx, list(data.pending_demonstrations), list(data.demonstrations["val"])
+        if round_type == "sft":
+            return RoundInputs(
+                demos=list(data.pending_demonstrations), val_demos=list(data.demonstrations["val"])
             )
-        if ctx.round_type == "rm":
-            return run_rm_round(
-                ctx,
-                list(data.pending_comparisons),
-                val=list(data.comparisons["val"]),
-                test=list(data.comparisons["test"]),
+        if round_type == "rm":
+            return RoundInputs(
+                comparisons=list(data.pending_comparisons),
+                val_comparisons=list(data.comparisons["val"]),
+                test_comparisons=list(data.comparisons["test"]),
                 bias_demos=[*data.demonstrations["train"], *data.demonstrations["val"]],
             )
-        if ctx.round_type == "ppo":
+        if round_type == "ppo":
             val = [p.prompt for p in list(data.prompts["val"])[-self.cfg.gates.eval_prompts :]]
-            pool = [p.prompt for p in data.prompts["train"]]
-            new = tuple(p.event_id for p in data.pending_prompts)
-            return run_ppo_round(ctx, pool, val_prompts=val, trained_ids=new)
-        raise ValueError(f"unknown round type {ctx.round_type!r}")
+            return RoundInputs(
+                pool=[p.prompt for p in data.prompts["train"]], val_prompts=val,
+                new_prompts=tuple(p.event_id for p in data.pending_prompts),
+            )  # fmt: skip
+        raise ValueError(f"unknown round type {round_type!r}")
+
+    def check_memory(self, round_type: str) -> plan_lib.Plan | None:
+        """The memory plan of the round on this job's devices; raises ``DoesNotFit``."""
+        return plan_lib.check_round(self.cfg, round_type, self.dist)
 
     # ------------------------------------------------------------------ publish protocol
 
@@ -311,6 +404,7 @@ class Trainer:
         that the next start deletes."""
         offsets = self.reader.resume_offsets(candidate.trained_ids)
         version = checkpoint.next_version(self.registry, candidate.role)
+        # The other ranks call save_state(None) and save(None) in this order (``follow``).
         if candidate.save_state is not None:
             with checkpoint.staging(self.registry) as tmp:
                 candidate.save_state(tmp)
@@ -355,3 +449,29 @@ class Trainer:
         self.announce_latest()
         self.reader.commit(self._unannounced)
         self._unannounced = None
+
+
+def follow(cfg: TrainerConfig, dist: Dist, corpus: PretrainCorpus, device: str,
+           stop: threading.Event) -> int:  # fmt: skip
+    """A rank other than 0: runs the rounds rank 0 orders until it says stop. Returns the
+    number of rounds run."""
+    publish_dtype = registry_lib.publish_dtype(cfg.publish_dtype, device)
+    rounds = 0
+    while True:
+        order: RoundOrder = dist.broadcast(None)
+        if order.kind == "stop":
+            return rounds
+        if order.kind == "heartbeat":
+            continue
+        assert order.spec is not None and order.inputs is not None
+        ctx = RoundContext(cfg, corpus, device, order.kind, order.spec, publish_dtype,
+                           order.index, stop, dist=dist)  # fmt: skip
+        try:
+            candidate = train_round(ctx, order.inputs)
+        except RoundAborted:
+            return rounds
+        if dist.broadcast(None):
+            if candidate.save_state is not None:
+                candidate.save_state(None)
+            candidate.save(None)
+        rounds += 1

@@ -8,7 +8,13 @@ where this one stopped is kept beside it, under the same version name:
         state.json      lineage reference, KL coefficient beta, optimizer steps taken
         policy/         the raw policy weights (only when the published weights are an EMA)
         value/          the value network (a reward model; initialised from the RM)
-        optimizer.pt    AdamW state of the policy and value parameters
+        optimizer.pt    AdamW state of the policy and value parameters, by parameter name
+                        (``torch.distributed.checkpoint``'s full optimizer state dict: any
+                        world size loads it, whatever world size wrote it)
+    with LoRA (``trainer.lora``) instead of policy/ and value/:
+        policy_adapters.pt  the policy's adapters (its base is the lineage reference)
+        value_adapters.pt   the value network's adapters, head and bias (its base: the RM
+                            named ``value_base`` in state.json)
         manifest.json   sha256 of every file (``rlhf.checkpoint``)
 
 It is written with ``rlhf.checkpoint.publish`` (staging directory, fsync, rename), *before*
@@ -38,6 +44,8 @@ STATE_FILE = "state.json"
 POLICY_DIR = "policy"
 VALUE_DIR = "value"
 OPTIMIZER_FILE = "optimizer.pt"
+POLICY_ADAPTERS = "policy_adapters.pt"
+VALUE_ADAPTERS = "value_adapters.pt"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +56,8 @@ class SavedState:
     reference: str  # the lineage's KL reference (as manifests name it)
     beta: float  # KL coefficient (changes only with the adaptive controller)
     steps: int  # optimizer steps taken in this lineage (the warm-up counts these)
+    lora: bool = False  # adapters (``trainer.lora``) rather than whole weights
+    value_base: str = ""  # with LoRA: the reward model the value adapters sit on
 
     @property
     def raw_policy(self) -> Path | None:
@@ -63,8 +73,12 @@ class SavedState:
         return self.path / OPTIMIZER_FILE
 
 
-def write_info(out: Path, *, reference: str, beta: float, steps: int) -> None:
-    info = {"reference": reference, "beta": beta, "steps": steps}
+def write_info(
+    out: Path, *, reference: str, beta: float, steps: int, lora: bool = False,
+    value_base: str = "",
+) -> None:  # fmt: skip
+    info = {"reference": reference, "beta": beta, "steps": steps, "lora": lora,
+            "value_base": value_base}  # fmt: skip
     (out / STATE_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
 
 
@@ -76,7 +90,10 @@ def load(registry: Path, policy_version: str) -> SavedState | None:
     try:
         checkpoint.verify(path)
         info = json.loads((path / STATE_FILE).read_text())
-        return SavedState(path, str(info["reference"]), float(info["beta"]), int(info["steps"]))
+        return SavedState(
+            path, str(info["reference"]), float(info["beta"]), int(info["steps"]),
+            lora=bool(info.get("lora", False)), value_base=str(info.get("value_base", "")),
+        )  # fmt: skip
     except (checkpoint.CheckpointError, OSError, ValueError, KeyError) as exc:
         log.warning("ignoring the trainer state of %s (%s): starting fresh", policy_version, exc)
         return None
