@@ -4,8 +4,8 @@
    checkpoints that load like any other, and the round losses and the published weights
    match a one-process run on the same records: within 1e-4 relative for the losses and 1e-4
    absolute for every weight (fp32 on CPU; the two runs differ only in summation order).
-2. SIGKILL of one rank in the middle of a round takes the job down; torchrun restarts it and
-   the restarted job publishes every record in exactly one checkpoint, then commits.
+2. SIGKILL of one rank in the middle of a (LoRA) round takes the job down; torchrun restarts
+   it and the restarted job publishes every record in exactly one checkpoint, then commits.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 from rlhf import bus, checkpoint, models
 from rlhf.v1 import events_pb2
-from trainer.data import StreamTopics
+from trainer.reader import StreamTopics
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "data" / "pretrain.txt"
@@ -208,8 +208,10 @@ def test_sigkill_of_one_rank_restarts_the_job_and_publishes_each_record_once(kaf
     prefix, topics = new_topics(kafka, "kill")
     produce(kafka, topics, demos=32)
     registry = tmp_path / "registry"
+    # LoRA on: adapters sharded with their layers, merged weights gathered to rank 0.
     args = trainer_args(kafka, tmp_path, base, prefix, "--schedule.sft-min-new", "24",
-                        "--sft.epochs", "3", "--sft.batch-size", "4", "--gates.enabled", "false")  # fmt: skip
+                        "--sft.epochs", "3", "--sft.batch-size", "4", "--gates.enabled", "false",
+                        "--lora.enabled", "true", "--lora.rank", "4", "--ppo.ema-decay", "0")  # fmt: skip
     job = Job(args, nproc=2, max_restarts=1)
     job.wait_for("sft round started")
     os.kill(job.worker(1), signal.SIGKILL)  # mid-round: nothing can be published
@@ -220,6 +222,9 @@ def test_sigkill_of_one_rank_restarts_the_job_and_publishes_each_record_once(kaf
 
     manifests = published(registry)
     assert len(manifests) == 1 and manifests[0].metrics["examples"] == 24
+    merged = weights(registry / "policy" / manifests[0].version)
+    assert merged.keys() == weights(base / "policy").keys()  # merged: no adapter tensors
+    models.load_policy(registry / "policy" / manifests[0].version, "cpu")
     demos_topic = topics.demonstrations.name
     offsets = manifests[0].partition_offsets()
     assert sum(o for (t, _), o in offsets.items() if t == demos_topic) == 24

@@ -10,14 +10,15 @@ import uuid
 import torch
 
 from rlhf import bus, checkpoint, models
-from tests.test_trainer_lineage import CORPUS, Process, produce, weights
+from tests.test_trainer_lineage import weights
+from tests.trainer_support import CORPUS, Process, produce
 from trainer import lora, ppo_models
 from trainer import registry as registry_lib
 from trainer import state as state_lib
 from trainer.config import DataConfig, GatesConfig, PPOConfig, SFTConfig, TrainerConfig
 from trainer.corpus import PretrainCorpus
-from trainer.data import StreamTopics
 from trainer.plan import Shape
+from trainer.reader import StreamTopics
 from trainer.round import RoundContext
 
 

@@ -20,11 +20,11 @@ from prometheus_client import CollectorRegistry
 
 from rlhf import bus, checkpoint, models
 from trainer.config import DataConfig, ScheduleConfig, SFTConfig, TrainerConfig
-from trainer.data import StreamTopics
 from trainer.distributed import Dist, DistributedConfig, local_bytes
 from trainer.lora import LoRAConfig, add_adapters
 from trainer.main import run
 from trainer.plan import GIB, Batches, MemoryConfig, Setup, Shape, plan_round
+from trainer.reader import StreamTopics
 
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "pretrain.txt"
 

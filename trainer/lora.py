@@ -73,10 +73,13 @@ class LoRAConfig:
         )
 
 
-def add_adapters(model: nn.Module, cfg: LoRAConfig) -> Any:
+def add_adapters(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> Any:
     """``model`` with fresh adapters (B = 0, so it computes exactly what it did) and every
-    other weight frozen."""
-    return get_peft_model(model, cfg.peft_config())  # type: ignore[arg-type]
+    other weight frozen. A's random initialisation comes from ``seed`` alone: every rank of a
+    job (and a job of any size) starts from the same adapters."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, cfg.peft_config())  # type: ignore[arg-type]
 
 
 def is_adapter_key(key: str) -> bool:

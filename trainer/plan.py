@@ -179,14 +179,14 @@ class Batches:
 
     @classmethod
     def of(cls, cfg: Any) -> Batches:
-        """From a TrainerConfig (or anything with its sft/rm/ppo/encoding sections)."""
+        """From a TrainerConfig (or anything with its sft/rm/ppo/encoding/gates sections)."""
         p, e = cfg.ppo, cfg.encoding
         return cls(
             sft_rows=cfg.sft.batch_size, rm_prompts=cfg.rm.batch_prompts, ppo_episodes=p.episodes,
             ppo_minibatch=p.minibatch_size, ptx_rows=p.minibatch_size * p.ptx_ratio if p.gamma_ptx > 0 else 0,
             prompt_tokens=e.max_prompt_tokens, response_tokens=e.max_response_tokens,
             new_tokens=p.max_new_tokens, ptx_tokens=p.ptx_seq_len, ema=p.ema_decay > 0,
-            eval_prompts=cfg.gates.eval_prompts if hasattr(cfg, "gates") else 64,
+            eval_prompts=cfg.gates.eval_prompts,
         )  # fmt: skip
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rlhf.config import option, parse_config, section
-from trainer.config import EncodingConfig, PPOConfig, RMConfig, SFTConfig
+from trainer.config import EncodingConfig, GatesConfig, PPOConfig, RMConfig, SFTConfig
 from trainer.distributed import DistributedConfig
 from trainer.lora import LoRAConfig
 from trainer.plan import (
@@ -47,6 +47,7 @@ class PlanConfig:
     rm: RMConfig = section(RMConfig, "RM rounds (prompts per step)")
     ppo: PPOConfig = section(PPOConfig, "PPO-ptx rounds (episodes, minibatch, ptx, EMA)")
     encoding: EncodingConfig = section(EncodingConfig, "sequence lengths")
+    gates: GatesConfig = section(GatesConfig, "evaluation (eval_prompts sampled at once)")
     memory: MemoryConfig = section(MemoryConfig, "memory levers")
     lora: LoRAConfig = section(LoRAConfig, "LoRA rank and targets (the LoRA column)")
     distributed: DistributedConfig = section(DistributedConfig, "sharding of frozen models")

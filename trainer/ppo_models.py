@@ -74,7 +74,7 @@ def build(
         adapters_saved = continues and saved is not None
         base = reference_path if adapters_saved or start == reference_path else start
         policy, tok = registry_lib.load_policy(base, ctx.load_device)
-        policy = lora.add_adapters(policy, cfg.lora)
+        policy = lora.add_adapters(policy, cfg.lora, cfg.seed)
         if adapters_saved and saved is not None:
             lora.load_adapters(policy, torch.load(saved.path / state_lib.POLICY_ADAPTERS))
         policy = ctx.place(policy, trainable=True)
@@ -86,7 +86,7 @@ def build(
             reference = ctx.load_policy(reference_path, trainable=False)[0]
         value, _ = registry_lib.load_rm(cfg.registry, cfg.base_model, ctx.load_device)
         value.requires_grad_(False)
-        value.trunk = lora.add_adapters(value.trunk, cfg.lora)
+        value.trunk = lora.add_adapters(value.trunk, cfg.lora, cfg.seed + 1)
         value.head.requires_grad_(True)
         if adapters_saved and saved is not None and saved.value_base == rm_id:
             lora.load_adapters(value, torch.load(saved.path / state_lib.VALUE_ADAPTERS))

@@ -43,7 +43,9 @@ def run_sft_round(
     use_lora = cfg.lora.enabled
     policy, tok = registry_lib.load_policy(start, ctx.load_device)
     if use_lora:
-        policy = lora.add_adapters(policy, cfg.lora)  # B = 0: it starts as `start` exactly
+        policy = lora.add_adapters(
+            policy, cfg.lora, cfg.seed
+        )  # B = 0: it starts as `start` exactly
     policy = ctx.place(policy, trainable=True)
     with ctx.phase("evaluation"):
         before, _ = ctx.policy_eval(policy, policy, None, tok, prompts=[], demos=val_demos)
