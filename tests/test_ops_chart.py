@@ -409,6 +409,8 @@ def test_multinode_trainer_is_a_pytorchjob(
         assert container["command"] == ["torchrun"]
         assert container["args"][:3] == ["--nproc-per-node=8", "-m", "rlhf"]
         assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"  # a store per attempt
     # Rank 0 alone serves /metrics, and the Service selects it alone.
     assert "ports" in master and "ports" not in worker and "livenessProbe" not in worker
     service = find(docs, "Service", "rlhf-trainer")

@@ -10,6 +10,7 @@ import uuid
 import torch
 
 from rlhf import bus, checkpoint, models
+from rlhf.streams import StreamsConfig
 from tests.test_trainer_lineage import weights
 from tests.trainer_support import CORPUS, Process, produce
 from trainer import lora, ppo_models
@@ -39,7 +40,7 @@ def test_lora_rounds_publish_merged_weights_and_the_reference_is_no_copy(kafka, 
     produce(kafka, topics, demos=8, prompts=16, val=4)
     adapters = lora.LoRAConfig(enabled=True, rank=4, alpha=8.0)
     cfg = TrainerConfig(
-        bootstrap_servers=kafka.bootstrap_servers, group_id=prefix, topic_prefix=prefix,
+        bootstrap_servers=kafka.bootstrap_servers, group_id=prefix, streams=StreamsConfig(topic_prefix=prefix),
         registry=tmp_path / "registry", base_model=tmp_path / "base", pretrain_corpus=CORPUS,
         device="cpu", metrics_port=0, progress="off", data=DataConfig(poll_timeout_s=0.2),
         gates=GatesConfig(enabled=False, eval_prompts=4, eval_ptx_examples=4), lora=adapters,

@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 from prometheus_client import CollectorRegistry
 
 from rlhf import bus, checkpoint, models
+from rlhf.streams import StreamsConfig
 from trainer.config import DataConfig, ScheduleConfig, SFTConfig, TrainerConfig
 from trainer.distributed import Dist, DistributedConfig, local_bytes
 from trainer.lora import LoRAConfig, add_adapters
@@ -112,7 +113,7 @@ def test_a_round_that_does_not_fit_is_refused_and_runs_with_the_named_option(
 
     def config(memory: MemoryConfig) -> TrainerConfig:
         return TrainerConfig(
-            bootstrap_servers=kafka.bootstrap_servers, group_id=prefix, topic_prefix=prefix,
+            bootstrap_servers=kafka.bootstrap_servers, group_id=prefix, streams=StreamsConfig(topic_prefix=prefix),
             registry=tmp_path / "registry", base_model=tmp_path / "base", pretrain_corpus=CORPUS,
             device="cpu", metrics_port=0, progress="off", data=DataConfig(poll_timeout_s=0.2),
             sft=SFTConfig(epochs=1, batch_size=8), memory=memory,

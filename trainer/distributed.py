@@ -108,6 +108,27 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _attempt_store(world: int, timeout: datetime.timedelta) -> dist.Store | None:
+    """The store the process group meets in, fresh for each attempt of a torchrun job.
+
+    torchrun's agent hosts one TCP store for the whole job (``TORCHELASTIC_USE_AGENT_STORE``)
+    and restarts the worker group in it after a failure; the keys the killed attempt left
+    there (each rank's gloo or NCCL address) would pair the new ranks with dead ones. So the
+    keys of each attempt get their own prefix, the restart count, which every worker of one
+    agent shares. Agents on several nodes may count restarts differently (a replaced node
+    starts at 0): there, ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` in torchrun's environment
+    makes rank 0 host a new store per attempt instead (the Helm chart sets it), and this
+    returns None (``env://``)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return None
+    agent = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+        timeout=timeout,
+    )  # fmt: skip
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"rlhf/attempt-{attempt}/", agent)
+
+
 def launched_world_size() -> int:
     """The number of processes torchrun started (1 without torchrun)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -144,11 +165,13 @@ class Dist:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
             os.environ.setdefault("RANK", "0")
+            timeout = datetime.timedelta(seconds=cfg.timeout_s)
             dist.init_process_group(
                 backend,
-                timeout=datetime.timedelta(seconds=cfg.timeout_s),
+                timeout=timeout,
                 world_size=world,
                 rank=int(os.environ["RANK"]),
+                store=_attempt_store(world, timeout),
             )
         out = cls(cfg, rank=dist.get_rank(), world=dist.get_world_size(), device=device)
         log.info("rank %d of %d on %s (%s)", out.rank, out.world, device, backend)
