@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from rlhf import encoding, models
+from rlhf import checkpoint, encoding, models
 
 FAMILIES = ("byte", "bpe")
 
@@ -166,6 +166,29 @@ def test_cli_init_bpe_writes_the_chat_template_into_tokenizer_config(
     assert info["tokenizer"]["chat_template"] is True
     assert info["tokenizer"]["eos"] == "<|im_end|>"
     assert info["encoding"]["chat_template"] is True
+
+
+def test_cli_info_shows_the_encoding_recorded_in_a_checkpoint(
+    family_models: Callable[[str], Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A published version is served with the encoding in its manifest; `rlhf model info`
+    shows that one, not the default for its tokenizer."""
+    spec = {"chat_template": True, "max_prompt_tokens": 40, "max_response_tokens": 24,
+            "truncation_side": "right", "append_eos": True}  # fmt: skip
+    source = family_models("bpe") / "policy"
+    version = checkpoint.publish(
+        tmp_path, "policy", source, round_type="sft", parent=None, metrics={}, offsets={},
+        encoding=spec,
+    ).version  # fmt: skip
+    capsys.readouterr()
+    assert models.main(["info", str(tmp_path / "policy" / version)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["encoding"] == spec and info["encoding_source"] == "manifest"
+    assert info["manifest"]["encoding"] == spec and info["manifest"]["version"] == version
+    assert models.main(["info", str(source)]) == 0  # the same model without a manifest
+    default = json.loads(capsys.readouterr().out)
+    assert default["encoding_source"] == "default"
+    assert default["encoding"]["max_prompt_tokens"] == 1024
 
 
 @pytest.mark.gpu
