@@ -347,30 +347,39 @@ def stored_ids(bootstrap: str, gw: Gateway, run: str) -> set[str]:
 
 
 def test_a_bulk_stream_that_fails_stores_nothing(broker: LocalKafka, gateway: Gateway) -> None:
-    """An item over the message limit after good ones: the call fails and none of the good
-    items is in Kafka; resending them stores each exactly once."""
+    """Streams that fail after good items (an item over the message limit, a client that
+    gives up) store none of them; resending the items stores each exactly once. gRPC ends a
+    failed client stream on the server as it ends a clean one, so the servicer must tell the
+    two apart before it stores anything: several streams of each kind let a race show."""
     run = uuid.uuid4().hex[:8]
-    good = [feedback_pb2.FeedbackItem(comparison=comparison(f"{run}-{i}")) for i in range(5)]
+    batches = [
+        [feedback_pb2.FeedbackItem(comparison=comparison(f"{run}-{b}-{i}")) for i in range(5)]
+        for b in range(8)
+    ]
     huge = feedback_pb2.FeedbackItem(
         demonstration=feedback_pb2.DemonstrationRequest(prompt="x" * (5 * 1024 * 1024))
     )
-    with pytest.raises(grpc.RpcError) as caught:
-        gateway.stub.SubmitBulk(iter([*good, huge]), timeout=30)
-    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    ids = {event_id_for("comparison", f"{run}-{i}") for i in range(5)}
-    assert not ids & stored_ids(broker.bootstrap_servers, gateway, run)
+    for batch in batches[:4]:
+        with pytest.raises(grpc.RpcError) as caught:
+            gateway.stub.SubmitBulk(iter([*batch, huge]), timeout=30)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
-    def cancelled_midway() -> Iterator[feedback_pb2.FeedbackItem]:
-        yield from good
+    def cancelled_midway(
+        batch: list[feedback_pb2.FeedbackItem],
+    ) -> Iterator[feedback_pb2.FeedbackItem]:
+        yield from batch
         raise RuntimeError("the client gives up")
 
-    with pytest.raises(grpc.RpcError) as caught:
-        gateway.stub.SubmitBulk(cancelled_midway(), timeout=30)
-    assert caught.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
-    assert not ids & stored_ids(broker.bootstrap_servers, gateway, f"{run}-c")
+    for batch in batches[4:]:
+        with pytest.raises(grpc.RpcError) as caught:
+            gateway.stub.SubmitBulk(cancelled_midway(batch), timeout=30)
+        assert caught.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
+    ids = {event_id_for("comparison", f"{run}-{b}-{i}") for b in range(8) for i in range(5)}
+    assert not ids & stored_ids(broker.bootstrap_servers, gateway, run)
 
-    reply = gateway.stub.SubmitBulk(iter(good), timeout=30)
-    assert [(i.code, i.ack.duplicate) for i in reply.items] == [(0, False)] * 5
+    items = [item for batch in batches for item in batch]
+    reply = gateway.stub.SubmitBulk(iter(items), timeout=30)
+    assert [(i.code, i.ack.duplicate) for i in reply.items] == [(0, False)] * len(items)
     records = read_events(broker.bootstrap_servers, [topics.COMPARISONS])
     raw = Counter(r.value.event_id for r in records)  # type: ignore[attr-defined]
     assert all(raw[event_id] == 1 for event_id in ids)
