@@ -1,5 +1,6 @@
 """Property-based fuzzing of every RPC of the API (hypothesis): inference, reward, feedback and
-admin, against real servers on a broker of their own.
+admin, against real servers on a broker of their own. The model servers serve the BPE chat
+family, so plain prompts and conversations (``messages``) both go through its chat template.
 
 Requests are generated from the request messages' descriptors alone, as a client built from
 the .proto files would send them: any subset of fields set, strings from empty to 200,000
@@ -144,27 +145,41 @@ def messages(draw: st.DrawFn, descriptor: Descriptor, depth: int = 0) -> Message
     return msg
 
 
-def valid_requests(policy_version: str) -> dict[str, Message]:
-    """A valid request per request type: mutating one reaches deeper than random messages,
-    which validation rejects at the first field."""
+def valid_requests(policy_version: str) -> dict[str, list[Message]]:
+    """Valid requests per request type (a plain prompt and a chat conversation where the type
+    takes one): mutating one reaches deeper than random messages, which validation rejects at
+    the first field."""
     text = feedback_pb2.ResponseRef
+    chat = [inference_pb2.ChatMessage(role="system", content="Be brief."),
+            inference_pb2.ChatMessage(role="user", content="Name a color.")]  # fmt: skip
     comparison = feedback_pb2.ComparisonRequest(
         prompt="Name a color.", responses=[text(text="Blue."), text(text="Green.")], ranks=[1, 2],
         labeler_id="l", user_id="u", idempotency_key="k",
+    )  # fmt: skip
+    chat_comparison = feedback_pb2.ComparisonRequest(
+        messages=chat, responses=[text(text="Blue."), text(text="Green.")], ranks=[1, 2],
+        labeler_id="l", user_id="u", idempotency_key="k-chat",
     )  # fmt: skip
     demonstration = feedback_pb2.DemonstrationRequest(
         prompt="Name a color.", response="Blue.", labeler_id="l", user_id="u",
         idempotency_key="k",
     )  # fmt: skip
+    chat_demonstration = feedback_pb2.DemonstrationRequest(
+        messages=chat, response="Blue.", labeler_id="l", user_id="u", idempotency_key="k-chat"
+    )
     policy = 1  # events_pb2.MODEL_ROLE_POLICY
+    short = inference_pb2.GenerationParameters(max_new_tokens=2)
     valid = [
-        inference_pb2.GenerateRequest(
-            prompt="Hello", n=2, parameters=inference_pb2.GenerationParameters(max_new_tokens=2)
-        ),
+        inference_pb2.GenerateRequest(prompt="Hello", n=2, parameters=short),
+        inference_pb2.GenerateRequest(messages=chat, n=2, parameters=short),
         reward_pb2.ScoreRequest(prompt="Hello", responses=["a", "b"]),
+        reward_pb2.ScoreRequest(messages=chat, responses=["a", "b"]),
         comparison,
+        chat_comparison,
         demonstration,
+        chat_demonstration,
         feedback_pb2.FeedbackItem(comparison=comparison),
+        feedback_pb2.FeedbackItem(demonstration=chat_demonstration),
         admin_pb2.ListVersionsRequest(role=policy),  # type: ignore[arg-type]
         admin_pb2.StatusRequest(),
         admin_pb2.PromoteRequest(role=policy, version=policy_version),  # type: ignore[arg-type]
@@ -172,15 +187,18 @@ def valid_requests(policy_version: str) -> dict[str, Message]:
         admin_pb2.PinRequest(role=policy, version=policy_version),  # type: ignore[arg-type]
         admin_pb2.CanaryRequest(role=policy, version=policy_version, share=0.5),  # type: ignore[arg-type]
     ]
-    return {m.DESCRIPTOR.full_name: m for m in valid}
+    by_type: dict[str, list[Message]] = {}
+    for m in valid:
+        by_type.setdefault(m.DESCRIPTOR.full_name, []).append(m)
+    return by_type
 
 
-def bodies(method: MethodDescriptor, valid: dict[str, Message]) -> st.SearchStrategy[bytes]:
+def bodies(method: MethodDescriptor, valid: dict[str, list[Message]]) -> st.SearchStrategy[bytes]:
     """One request body: a valid request with some fields replaced by generated ones, a
     generated message, or bytes that are no message at all."""
-    base = valid[method.input_type.full_name]
+    bases = valid[method.input_type.full_name]
 
-    def mutate(changes: Message) -> bytes:
+    def mutate(base: Message, changes: Message) -> bytes:
         out = type(base)()
         out.CopyFrom(base)
         out.MergeFrom(changes)
@@ -188,7 +206,7 @@ def bodies(method: MethodDescriptor, valid: dict[str, Message]) -> st.SearchStra
 
     generated = messages(method.input_type)
     return st.one_of(
-        generated.map(mutate),
+        st.builds(mutate, st.sampled_from(bases), generated),
         generated.map(lambda m: m.SerializeToString()),
         st.binary(max_size=64),
     )
@@ -200,7 +218,7 @@ def bodies(method: MethodDescriptor, valid: dict[str, Message]) -> st.SearchStra
 @dataclass
 class Servers:
     ports: dict[str, int]  # full service name -> gRPC port
-    valid: dict[str, Message]  # request type -> a valid request
+    valid: dict[str, list[Message]]  # request type -> valid requests
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +231,8 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
 @pytest.fixture(scope="module")
 def servers(broker: LocalKafka, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
     root = tmp_path_factory.mktemp("fuzz")
-    models.init_models(models.InitConfig(out=str(root / "base")))
+    # The chat family: plain prompts and conversations are both rendered with its template.
+    models.init_models(models.InitConfig(out=str(root / "base"), tokenizer="bpe"))
     producer = bus.Producer(broker.bootstrap_servers, client_id="fuzz")
     seeded = seed_registry(root / "registry", root / "base", producer)
     producer.close()
