@@ -62,6 +62,7 @@ from serving_peers import (  # noqa: E402
     static_run,
 )
 
+from rlhf import encoding  # noqa: E402
 from rlhf.kafka_local import free_port  # noqa: E402
 from rlhf.models import build_tiny, load_policy  # noqa: E402
 
@@ -176,7 +177,10 @@ def bench_size(size: str, args: argparse.Namespace, tmp: Path) -> dict:
     # The same prompts several times over: the servers reach a steady state, and the static
     # baseline runs as many full batches.
     texts = prompts(args.prompts) * args.passes
-    ids = [list(tok(t)["input_ids"]) for t in texts]
+    # The token ids the policy server makes of each prompt (its chat template, when the model
+    # has one): every peer continues exactly the same tokens.
+    spec = encoding.spec_for_model(model_path, tok)
+    ids = [encoding.prompt_ids(tok, spec, t) for t in texts]
     levels = [int(c) for c in args.concurrency.split(",")]
     top = max(levels)
     servers: dict[str, tuple[int, subprocess.Popen]] = {}

@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import enum
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -153,9 +153,7 @@ class Generation:
 
     def deliver(self, events: list[TokenEvent | GenerationFailed]) -> None:
         """Hands events to the request's event loop (from any thread)."""
-        # A closed loop means the server is gone and nobody is listening any more.
-        with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self._events.put_nowait, events)
+        deliver_all({self: events})
 
     async def events(self) -> AsyncIterator[TokenEvent]:
         """Token events of all samples as they are produced; raises GenerationFailed."""
@@ -172,6 +170,23 @@ class Generation:
         """Waits for all samples; ordered by index."""
         samples = [e.done async for e in self.events() if e.done is not None]
         return sorted(samples, key=lambda s: s.index)
+
+
+def deliver_all(events: Mapping[Generation, list[TokenEvent | GenerationFailed]]) -> None:
+    """Hands each request its events, from any thread: one wake-up per event loop, however
+    many requests it serves (each wake-up of another thread's loop costs a GIL hand-over)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Generation, list]]] = {}
+    for gen, items in events.items():
+        by_loop.setdefault(gen._loop, []).append((gen, items))
+    for loop, batch in by_loop.items():
+        # A closed loop means the server is gone and nobody is listening any more.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_put_all, batch)
+
+
+def _put_all(batch: list[tuple[Generation, list]]) -> None:
+    for gen, items in batch:
+        gen._events.put_nowait(items)
 
 
 @dataclass

@@ -56,11 +56,11 @@ class _Step:
     cache: SlotCache
     decode_count: int  # the first decode_count packed tokens are decoding sequences
     decode_slots: Tensor  # (D,) their slots
-    decode_positions: Tensor  # (D,) where their new token goes
+    decode_rows: Tensor  # (D * kv_heads,) where their keys and values go in the flat cache
     hi: int  # decode attention spans slots [0, hi) ...
     span: int  # ... and positions [0, span)
     dense: bool  # the decoding slots are exactly 0..hi-1, in order: no query scatter
-    decode_bias: Tensor | None  # (hi, 1, 1, span): 0 where a slot attends, -inf elsewhere
+    decode_bias: Tensor | None  # (hi * kv_heads, 1, span): 0 where a slot attends, -inf elsewhere
     chunks: list[tuple[int, int, int, int]]  # (slot, packed offset, cache start, length)
 
 
@@ -101,14 +101,17 @@ def attend(
     ``q``: (T, heads, hd), ``k``/``v``: (T, kv_heads, hd) for the step's packed tokens;
     returns (T, heads, hd).
     """
-    keys, values = step.cache.k[layer], step.cache.v[layer]
+    cache = step.cache
+    keys, values = cache.k[layer], cache.v[layer]
     gqa = q.shape[1] != k.shape[1]
     d = step.decode_count
     outs = []
     if d:
-        # Each decoding sequence's new key and value go to its own slot and position.
-        keys[step.decode_slots, :, step.decode_positions] = k[:d]
-        values[step.decode_slots, :, step.decode_positions] = v[:d]
+        # Each decoding sequence's new key and value go to its own slot and position: rows of
+        # the cache seen as (slots * kv_heads * capacity, head_dim).
+        hd = k.shape[-1]
+        cache.k_rows[layer].index_copy_(0, step.decode_rows, k[:d].reshape(-1, hd))
+        cache.v_rows[layer].index_copy_(0, step.decode_rows, v[:d].reshape(-1, hd))
     for slot, offset, start, length in step.chunks:
         keys[slot, :, start : start + length] = k[offset : offset + length].transpose(0, 1)
         values[slot, :, start : start + length] = v[offset : offset + length].transpose(0, 1)
@@ -118,14 +121,20 @@ def attend(
             full = qd.new_zeros(step.hi, qd.shape[1], qd.shape[2])
             full[step.decode_slots] = qd
             qd = full
-        # One query per slot: plain batched matmuls over the cache where it lies (cheaper than
-        # SDPA's kernels at this shape); grouped query heads share their key/value head.
-        kv_heads = keys.shape[1]
-        qg = qd.reshape(qd.shape[0], kv_heads, -1, qd.shape[2])  # (hi, kv_heads, group, hd)
-        scores = torch.matmul(qg, keys[: step.hi, :, : step.span].transpose(-1, -2))
-        scores = scores.mul_(scaling if scaling is not None else qd.shape[-1] ** -0.5)
-        probs = torch.softmax(scores.add_(step.decode_bias), dim=-1)  # type: ignore[arg-type]
-        out = torch.matmul(probs, values[: step.hi, :, : step.span]).view(qd.shape)
+        # One query per slot: batched matmuls over the cache where it lies (cheaper than
+        # SDPA's kernels at this shape), one batch entry per (slot, key/value head), the
+        # grouped query heads of a key/value head as its rows.
+        kv_heads, hd = keys.shape[1], qd.shape[2]
+        batch = step.hi * kv_heads
+        scores = torch.baddbmm(
+            step.decode_bias,  # type: ignore[arg-type]
+            qd.reshape(batch, -1, hd),
+            keys[: step.hi, :, : step.span].reshape(batch, step.span, hd).transpose(1, 2),
+            alpha=scaling if scaling is not None else hd**-0.5,
+        )
+        probs = torch.softmax(scores, dim=-1)
+        out = torch.bmm(probs, values[: step.hi, :, : step.span].reshape(batch, step.span, hd))
+        out = out.view(step.hi, -1, hd)
         outs.append(out if step.dense else out[step.decode_slots])  # (D, heads, hd)
     for slot, offset, start, length in step.chunks:
         qc = q[offset : offset + length].transpose(0, 1)[None]
@@ -172,6 +181,10 @@ class SlotCache:
         # uninitialised memory may hold NaN.
         self.k = torch.zeros(shape, dtype=param.dtype, device=param.device)
         self.v = torch.zeros(shape, dtype=param.dtype, device=param.device)
+        # Per layer, the same memory as rows of one key or value each.
+        self.k_rows = [layer.view(-1, head_dim) for layer in self.k]
+        self.v_rows = [layer.view(-1, head_dim) for layer in self.v]
+        self.kv_heads = kv_heads
         self.model = model
         self.slots = slots
         self.capacity = capacity
@@ -180,7 +193,7 @@ class SlotCache:
         self._free = list(range(slots))
         # Llama-family decoders run a lean forward of their own; others go through transformers'
         # forward with ``slot_attention`` (other callers of the model still get plain SDPA).
-        self.lean = LeanDecoder.of(model)
+        self.lean = LeanDecoder.of(model, capacity)
         if self.lean is None and model.config._attn_implementation != ATTENTION:
             model.set_attn_implementation(ATTENTION)
 
@@ -223,7 +236,8 @@ class SlotCache:
         """
         device = self.device
         d = len(decode_slots)
-        positions = [self.lengths[s] for s in decode_slots]
+        lengths = self.lengths
+        positions = [lengths[s] for s in decode_slots]
         ids = list(last_tokens)
         pos = list(positions)
         plan = []
@@ -234,35 +248,50 @@ class SlotCache:
             ids.extend(chunk.tokens)
             pos.extend(range(chunk.start, chunk.start + length))
             keep.append(len(ids) - 1)
-        for s, p in zip(decode_slots, positions, strict=True):
-            if p >= self.capacity:
-                raise ValueError(f"slot {s} is full ({self.capacity} tokens)")
+        if d and max(positions) >= self.capacity:
+            full = decode_slots[positions.index(max(positions))]
+            raise ValueError(f"slot {full} is full ({self.capacity} tokens)")
         hi = max(decode_slots) + 1 if d else 0
         span = max(positions) + 1 if d else 0
-        slots_t = torch.tensor(list(decode_slots), dtype=torch.long, device=device)
+        kv_heads = self.kv_heads
+        # One host-to-device copy for every index of the step.
+        rows = [
+            (s * kv_heads + h) * self.capacity + p
+            for s, p in zip(decode_slots, positions, strict=True)
+            for h in range(kv_heads)
+        ]
+        # Slots in [0, hi) that do not decode this step (free, or prefilling) attend to
+        # position 0 only: their output is thrown away, but it must not be NaN.
+        reach = [0] * hi
+        for s, p in zip(decode_slots, positions, strict=True):
+            reach[s] = p
+        packed = torch.tensor(
+            ids + pos + keep + list(decode_slots) + rows + reach, dtype=torch.long
+        ).to(device)
+        t = len(ids)
+        ids_t, pos_t = packed[:t], packed[t : 2 * t]
+        keep_t = packed[2 * t : 2 * t + len(keep)]
+        at = 2 * t + len(keep)
+        slots_t = packed[at : at + d]
+        rows_t = packed[at + d : at + d + len(rows)]
         bias = None
         if d:
-            # Slots in [0, hi) that do not decode this step (free, or prefilling) attend to
-            # position 0 only: their output is thrown away, but it must not be NaN.
-            lengths = torch.zeros(hi, dtype=torch.long, device=device)
-            lengths[slots_t] = torch.tensor(positions, dtype=torch.long, device=device)
-            mask = torch.arange(span, device=device)[None, :] <= lengths[:, None]
-            bias = torch.zeros(mask.shape, dtype=self.k.dtype, device=device)
-            bias = bias.masked_fill_(~mask, float("-inf"))[:, None, None, :]
+            reach_t = packed[at + d + len(rows) :]
+            visible = torch.arange(span, device=device)[None, :] <= reach_t[:, None]
+            bias = torch.zeros(visible.shape, dtype=self.k.dtype, device=device)
+            bias = bias.masked_fill_(~visible, float("-inf"))
+            bias = bias.repeat_interleave(kv_heads, dim=0)[:, None, :]  # (hi * kv_heads, 1, span)
         step = _Step(
             cache=self,
             decode_count=d,
             decode_slots=slots_t,
-            decode_positions=torch.tensor(positions, dtype=torch.long, device=device),
+            decode_rows=rows_t,
             hi=hi,
             span=span,
             dense=list(decode_slots) == list(range(hi)),
             decode_bias=bias,
             chunks=plan,
         )
-        ids_t = torch.tensor(ids, dtype=torch.long, device=device)
-        pos_t = torch.tensor(pos, dtype=torch.long, device=device)
-        keep_t = torch.tensor(keep, device=device)
         if self.lean is not None:
             logits = self.lean.forward(
                 ids_t, pos_t, keep_t, lambda layer, q, k, v, sc: attend(step, layer, q, k, v, sc)
@@ -278,9 +307,9 @@ class SlotCache:
                 rlhf_step=step,
             ).logits[0]
         for s in decode_slots:
-            self.lengths[s] += 1
+            lengths[s] += 1
         for chunk in chunks:
-            self.lengths[chunk.slot] = chunk.start + len(chunk.tokens)
+            lengths[chunk.slot] = chunk.start + len(chunk.tokens)
         return logits.float()
 
 

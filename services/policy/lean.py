@@ -4,8 +4,9 @@ transformers' forward is written for every use (training, caches, hooks, output 
 one packed decode step of a small model on CPU its Python overhead costs as much as the
 arithmetic. This runs the same computation with the fewest operations: the q/k/v and the
 gate/up projections fused (the modules' weights become views into the fused tensors, so
-nothing is stored twice and transformers' own forward still works), fused RMSNorm, RoPE from
-the model's own rotary module (every rope scaling type), and attention over the slot cache.
+nothing is stored twice and transformers' own forward still works), fused RMSNorm, the
+residual adds done by the matmuls, RoPE on queries and keys at once from a table the model's
+own rotary module computed (every rope scaling type), and attention over the slot cache.
 Models it does not recognise exactly return None from ``LeanDecoder.of`` and keep
 transformers' forward (with ``slot_attention``).
 """
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 SUPPORTED = ("llama", "mistral", "qwen2")
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 Attention = Callable[[int, Tensor, Tensor, Tensor, float], Tensor]
 
 
@@ -53,7 +55,7 @@ def _fuse(linears: list[nn.Linear]) -> tuple[Tensor, Tensor | None]:
 
 
 class LeanDecoder:
-    def __init__(self, model: PreTrainedModel) -> None:
+    def __init__(self, model: PreTrainedModel, max_positions: int) -> None:
         config = model.config
         decoder = model.model
         self.heads = config.num_attention_heads
@@ -62,7 +64,6 @@ class LeanDecoder:
         self.eps = config.rms_norm_eps
         self.scaling = self.head_dim**-0.5
         self.embed = decoder.embed_tokens.weight
-        self.rotary = decoder.rotary_emb
         self.norm = decoder.norm.weight
         self.lm_head = model.get_output_embeddings().weight
         self.layers = []
@@ -77,9 +78,22 @@ class LeanDecoder:
                     mlp.down_proj.weight,
                 )
             )  # fmt: skip
+        self.rotary = decoder.rotary_emb
+        half = self.head_dim // 2
+        device = self.embed.device
+        # rotate_half(x) * sin == x[perm] * signed_sin: one gather instead of a negation and a cat.
+        self._perm = torch.cat([torch.arange(half, self.head_dim), torch.arange(half)]).to(device)
+        self._sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(device)
+        # RoPE types whose frequencies never change get a table of every position, computed
+        # once by the model's own rotary module; the others (dynamic, longrope) ask it per step.
+        self._table: tuple[Tensor, Tensor] | None = None
+        if getattr(self.rotary, "rope_type", "default") in STATIC_ROPE:
+            positions = torch.arange(max_positions, device=device)[None]
+            cos, sin = self.rotary(self.embed[:1][None], positions)
+            self._table = (cos[0].contiguous(), (sin[0] * self._sign).contiguous())
 
     @classmethod
-    def of(cls, model: PreTrainedModel) -> LeanDecoder | None:
+    def of(cls, model: PreTrainedModel, max_positions: int) -> LeanDecoder | None:
         """The lean forward for ``model``, or None when it is not a plain Llama-family one."""
         config = model.config
         inner = getattr(model, "model", None)
@@ -95,31 +109,39 @@ class LeanDecoder:
                 for layer in inner.layers
             )
         )
-        return cls(model) if plain else None
+        return cls(model, max_positions) if plain else None
+
+    def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """(cos, signed sin) at ``positions``, each (T, 1, head_dim)."""
+        if self._table is not None:
+            cos, sin = (t.index_select(0, positions) for t in self._table)
+        else:
+            cos, sin = self.rotary(self.embed[:1][None], positions[None])
+            cos, sin = cos[0], sin[0] * self._sign
+        return cos[:, None], sin[:, None]
 
     def forward(self, ids: Tensor, positions: Tensor, keep: Tensor, attention: Attention) -> Tensor:
         """Next-token logits at the packed positions ``keep``: (len(keep), vocab)."""
         x = F.embedding(ids, self.embed)  # (T, hidden)
-        cos, sin = self.rotary(x[None], positions[None])
-        cos, sin = cos[0, :, None], sin[0, :, None]  # (T, 1, hd)
-        width = x.shape[-1]
-        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        cos, sin = self.rope(positions)
+        tokens, width = x.shape
+        heads, kv_heads, hd = self.heads, self.kv_heads, self.head_dim
+        q_size, kv_size = heads * hd, kv_heads * hd
         for index, layer in enumerate(self.layers):
-            h = F.rms_norm(x, (width,), layer.norm1, self.eps)
+            h = torch.rms_norm(x, (width,), layer.norm1, self.eps)
             qkv = F.linear(h, layer.qkv, layer.qkv_bias)
-            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-            q = _rope(q.view(-1, self.heads, self.head_dim), cos, sin)
-            k = _rope(k.view(-1, self.kv_heads, self.head_dim), cos, sin)
-            out = attention(index, q, k, v.view(-1, self.kv_heads, self.head_dim), self.scaling)
-            x = x + F.linear(out.reshape(-1, q_size), layer.o, layer.o_bias)
-            h = F.rms_norm(x, (width,), layer.norm2, self.eps)
-            gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.down)
-        x = F.rms_norm(x.index_select(0, keep), (width,), self.norm, self.eps)
+            # RoPE on the queries and keys at once: x * cos + rotate_half(x) * sin.
+            qk = qkv[:, : q_size + kv_size].view(tokens, heads + kv_heads, hd)
+            qk = torch.addcmul(qk * cos, qk.index_select(-1, self._perm), sin)
+            v = qkv[:, q_size + kv_size :].view(tokens, kv_heads, hd)
+            out = attention(index, qk[:, :heads], qk[:, heads:], v, self.scaling)
+            out = out.reshape(tokens, q_size)
+            if layer.o_bias is None:  # the residual added by the matmul itself
+                x = torch.addmm(x, out, layer.o.t())
+            else:
+                x = x + F.linear(out, layer.o, layer.o_bias)
+            h = torch.rms_norm(x, (width,), layer.norm2, self.eps)
+            gate, up = torch.mm(h, layer.gate_up.t()).chunk(2, dim=-1)
+            x = torch.addmm(x, F.silu(gate).mul_(up), layer.down.t())
+        x = torch.rms_norm(x.index_select(0, keep), (width,), self.norm, self.eps)
         return F.linear(x, self.lm_head)
-
-
-def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin

@@ -41,6 +41,7 @@ from services.policy.engine import (
     QueueFull,
     SampleText,
     TokenEvent,
+    deliver_all,
 )
 from services.policy.kvbatch import Chunk, SlotCache
 from services.policy.sampling import Sampler, SamplingParams, sample_seed
@@ -467,8 +468,8 @@ class NativeEngine:
     def _flush(self) -> None:
         """One hand-over per request per step keeps the event loop's wake-ups few."""
         outbox, self._outbox = self._outbox, {}
-        for gen, events in outbox.items():
-            gen.deliver(events)
+        if outbox:
+            deliver_all(outbox)
 
 
 def placement(device: str, dtype: str) -> tuple[torch.device, torch.dtype | None]:
