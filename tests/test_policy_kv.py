@@ -99,7 +99,8 @@ def reference_tokens(
 
 def test_same_tokens_as_the_replaced_engine_with_chunked_prefill(policy: LoadedPolicy) -> None:
     """Seeded and greedy requests of every kind, sharing batches, with a step budget small
-    enough that the long prompt is prefilled in chunks while the others decode."""
+    enough that the long prompt is prefilled in chunks while the others decode, and prompts of
+    equal length prefilled side by side."""
     tok = policy.tokenizer
     base = SamplingParams(do_sample=True, seed=11, max_new_tokens=12)
     cases = [
@@ -107,6 +108,9 @@ def test_same_tokens_as_the_replaced_engine_with_chunked_prefill(policy: LoadedP
         ("short", dataclasses.replace(base, temperature=0.7, top_p=0.9, seed=3), 1),
         ("top k", dataclasses.replace(base, top_k=5, repetition_penalty=1.3, seed=4), 1),
         ("greedy", SamplingParams(max_new_tokens=12, repetition_penalty=1.2), 1),
+        # Prompts of one length are prefilled side by side in one attention call.
+        ("equal length A", dataclasses.replace(base, seed=8), 1),
+        ("equal length B", SamplingParams(max_new_tokens=12), 1),
     ]
     engine = NativeEngine(
         CollectorRegistry(), max_batch_size=8, max_step_tokens=40, max_seq_len=256
@@ -146,3 +150,24 @@ def test_decode_memory_is_flat_on_cuda(tmp_path) -> None:
             torch.cuda.synchronize()
             seen.append(torch.cuda.memory_allocated())
     assert max(seen) - min(seen) < cache.nbytes // 100, (min(seen), max(seen))
+
+
+def test_n_samples_share_one_prefill_of_the_prompt(policy: LoadedPolicy) -> None:
+    """A request's n samples run its prompt through the model once (its keys and values are
+    then copied into each sample's slot), and each continues exactly as if prefilled alone."""
+    prompt = list(policy.tokenizer("a prompt that all four samples continue")["input_ids"])
+    params = SamplingParams(do_sample=True, seed=5, max_new_tokens=6)
+    engine = NativeEngine(CollectorRegistry(), max_batch_size=8, max_seq_len=128)
+
+    async def main():
+        return await engine.submit(policy, prompt, params, n=4).result()
+
+    try:
+        samples = asyncio.run(main())
+    finally:
+        engine.stop()
+    # One prefill of the prompt, then each sample's tokens after its first one decoded.
+    assert engine.metrics.step_tokens._sum.get() == len(prompt) + 4 * (params.max_new_tokens - 1)
+    assert len({s.token_ids for s in samples}) == 4
+    for sample in samples:
+        assert list(sample.token_ids) == reference_tokens(policy, prompt, params, sample.index)

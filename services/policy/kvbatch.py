@@ -3,9 +3,10 @@
 A ``SlotCache`` holds, per layer, keys and values for ``slots`` sequences of up to
 ``capacity`` tokens each: (layers, slots, kv_heads, capacity, head_dim), allocated once. A
 sequence owns one slot from admission to its end; each forward pass writes the new tokens'
-keys and values into their slots at their positions (``index_put_``), so nothing proportional
-to the cache is copied or allocated per token, and a finished sequence frees its slot for the
-next one without moving anybody else's.
+keys and values into their slots at their positions (one ``index_copy_`` per layer for all of
+them), so nothing proportional to the cache is copied or allocated per token, and a finished
+sequence frees its slot for the next one without moving anybody else's. An attention bias per
+slot (0 at the positions it holds, -inf beyond) is kept up to date the same way.
 
 One forward pass (``SlotCache.forward``) runs a *packed* batch: the last token of every decoding
 sequence plus chunks of prompts being prefilled, all in one row of tokens with their own
@@ -14,8 +15,10 @@ position ids, so no token is padding. The model's attention layers call ``slot_a
 into the slots, then
 
 * decoding tokens attend, in one batched call, over the slots ``[0, hi)`` up to the longest
-  length, each masked to its own length (the attention reads the cache where it lies);
-* each prompt chunk attends causally over its own slot (its earlier chunks included).
+  length, each masked by its slot's bias (the attention reads the cache where it lies);
+* whole prompts of equal length attend causally to themselves in one batched call (they are
+  packed side by side for it); a chunk continuing a longer prompt attends over its own slot
+  (its earlier chunks included).
 
 A request's ``n`` samples share one prefill: the prompt runs once, then its keys and values are
 copied into the other samples' slots (once per request, proportional to the prompt).
@@ -54,14 +57,15 @@ class _Step:
     """What ``slot_attention`` needs to know about one packed forward pass."""
 
     cache: SlotCache
+    rows: Tensor  # (T * kv_heads,) where each packed token's keys and values go (flat cache)
     decode_count: int  # the first decode_count packed tokens are decoding sequences
     decode_slots: Tensor  # (D,) their slots
-    decode_rows: Tensor  # (D * kv_heads,) where their keys and values go in the flat cache
     hi: int  # decode attention spans slots [0, hi) ...
     span: int  # ... and positions [0, span)
     dense: bool  # the decoding slots are exactly 0..hi-1, in order: no query scatter
-    decode_bias: Tensor | None  # (hi * kv_heads, 1, span): 0 where a slot attends, -inf elsewhere
-    chunks: list[tuple[int, int, int, int]]  # (slot, packed offset, cache start, length)
+    # Whole prompts next: (packed offset, how many, length), each group side by side.
+    prompts: list[tuple[int, int, int]]
+    tails: list[tuple[int, int, int, int]]  # then later chunks: (slot, offset, start, length)
 
 
 def slot_attention(
@@ -103,49 +107,52 @@ def attend(
     """
     cache = step.cache
     keys, values = cache.k[layer], cache.v[layer]
-    gqa = q.shape[1] != k.shape[1]
-    d = step.decode_count
+    heads, kv_heads, hd = q.shape[1], k.shape[1], q.shape[2]
+    gqa = heads != kv_heads
+    scale = scaling if scaling is not None else hd**-0.5
+    # Every packed token's key and value to its own slot and position: rows of the cache seen
+    # as (slots * kv_heads * capacity, head_dim).
+    cache.k_rows[layer].index_copy_(0, step.rows, k.reshape(-1, hd))
+    cache.v_rows[layer].index_copy_(0, step.rows, v.reshape(-1, hd))
     outs = []
-    if d:
-        # Each decoding sequence's new key and value go to its own slot and position: rows of
-        # the cache seen as (slots * kv_heads * capacity, head_dim).
-        hd = k.shape[-1]
-        cache.k_rows[layer].index_copy_(0, step.decode_rows, k[:d].reshape(-1, hd))
-        cache.v_rows[layer].index_copy_(0, step.decode_rows, v[:d].reshape(-1, hd))
-    for slot, offset, start, length in step.chunks:
-        keys[slot, :, start : start + length] = k[offset : offset + length].transpose(0, 1)
-        values[slot, :, start : start + length] = v[offset : offset + length].transpose(0, 1)
+    d = step.decode_count
     if d:
         qd = q[:d]
         if not step.dense:
-            full = qd.new_zeros(step.hi, qd.shape[1], qd.shape[2])
+            full = qd.new_zeros(step.hi, heads, hd)
             full[step.decode_slots] = qd
             qd = full
         # One query per slot: batched matmuls over the cache where it lies (cheaper than
         # SDPA's kernels at this shape), one batch entry per (slot, key/value head), the
         # grouped query heads of a key/value head as its rows.
-        kv_heads, hd = keys.shape[1], qd.shape[2]
         batch = step.hi * kv_heads
         scores = torch.baddbmm(
-            step.decode_bias,  # type: ignore[arg-type]
+            cache.bias[:batch, :, : step.span],
             qd.reshape(batch, -1, hd),
             keys[: step.hi, :, : step.span].reshape(batch, step.span, hd).transpose(1, 2),
-            alpha=scaling if scaling is not None else hd**-0.5,
+            alpha=scale,
         )
         probs = torch.softmax(scores, dim=-1)
         out = torch.bmm(probs, values[: step.hi, :, : step.span].reshape(batch, step.span, hd))
-        out = out.view(step.hi, -1, hd)
+        out = out.view(step.hi, heads, hd)
         outs.append(out if step.dense else out[step.decode_slots])  # (D, heads, hd)
-    for slot, offset, start, length in step.chunks:
+    for offset, count, length in step.prompts:
+        # ``count`` whole prompts of ``length`` tokens, side by side: their own keys and values.
+        end = offset + count * length
+        qg, kg, vg = (x[offset:end].view(count, length, -1, hd).transpose(1, 2) for x in (q, k, v))
+        out = torch.nn.functional.scaled_dot_product_attention(
+            qg, kg, vg, is_causal=True, scale=scaling, enable_gqa=gqa
+        )
+        outs.append(out.transpose(1, 2).reshape(count * length, heads, hd))
+    for slot, offset, start, length in step.tails:
+        # A later chunk of a long prompt: over its slot, its earlier chunks included.
         qc = q[offset : offset + length].transpose(0, 1)[None]
         kc = keys[slot : slot + 1, :, : start + length]
         vc = values[slot : slot + 1, :, : start + length]
-        mask = None
-        if start:
-            rows = torch.arange(start, start + length, device=q.device)[:, None]
-            mask = torch.arange(start + length, device=q.device)[None, :] <= rows
+        rows = torch.arange(start, start + length, device=q.device)[:, None]
+        mask = torch.arange(start + length, device=q.device)[None, :] <= rows
         out = torch.nn.functional.scaled_dot_product_attention(
-            qc, kc, vc, attn_mask=mask, is_causal=not start, scale=scaling, enable_gqa=gqa
+            qc, kc, vc, attn_mask=mask, scale=scaling, enable_gqa=gqa
         )
         outs.append(out[0].transpose(0, 1))  # (L, heads, hd)
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
@@ -185,6 +192,14 @@ class SlotCache:
         self.k_rows = [layer.view(-1, head_dim) for layer in self.k]
         self.v_rows = [layer.view(-1, head_dim) for layer in self.v]
         self.kv_heads = kv_heads
+        # Decode attention bias per (slot, key/value head): 0 at the positions the slot holds,
+        # -inf beyond; position 0 always open, so a slot that does not decode in a step (free,
+        # or prefilling) attends to something finite, and its thrown-away output is not NaN.
+        self.bias = torch.full(
+            (slots * kv_heads, 1, capacity), float("-inf"), dtype=param.dtype, device=param.device
+        )
+        self.bias[:, :, 0] = 0
+        self._heads = torch.arange(kv_heads, device=param.device)
         self.model = model
         self.slots = slots
         self.capacity = capacity
@@ -214,6 +229,7 @@ class SlotCache:
 
     def release(self, slot: int) -> None:
         self.lengths[slot] = 0
+        self.bias[slot * self.kv_heads : (slot + 1) * self.kv_heads, :, 1:] = float("-inf")
         self._free.append(slot)
 
     def copy_prefix(self, source: int, targets: Sequence[int], length: int) -> None:
@@ -223,6 +239,8 @@ class SlotCache:
         idx = torch.tensor(list(targets), device=self.device)
         self.k[:, idx, :, :length] = self.k[:, source : source + 1, :, :length]
         self.v[:, idx, :, :length] = self.v[:, source : source + 1, :, :length]
+        bias = self.bias.view(self.slots, self.kv_heads, self.capacity)
+        bias[idx, :, :length] = 0
         for t in targets:
             self.lengths[t] = length
 
@@ -238,59 +256,61 @@ class SlotCache:
         d = len(decode_slots)
         lengths = self.lengths
         positions = [lengths[s] for s in decode_slots]
-        ids = list(last_tokens)
-        pos = list(positions)
-        plan = []
-        keep = list(range(d))
-        for chunk in chunks:
-            length = len(chunk.tokens)
-            plan.append((chunk.slot, len(ids), chunk.start, length))
-            ids.extend(chunk.tokens)
-            pos.extend(range(chunk.start, chunk.start + length))
-            keep.append(len(ids) - 1)
         if d and max(positions) >= self.capacity:
             full = decode_slots[positions.index(max(positions))]
             raise ValueError(f"slot {full} is full ({self.capacity} tokens)")
-        hi = max(decode_slots) + 1 if d else 0
-        span = max(positions) + 1 if d else 0
-        kv_heads = self.kv_heads
-        # One host-to-device copy for every index of the step.
-        rows = [
-            (s * kv_heads + h) * self.capacity + p
-            for s, p in zip(decode_slots, positions, strict=True)
-            for h in range(kv_heads)
-        ]
-        # Slots in [0, hi) that do not decode this step (free, or prefilling) attend to
-        # position 0 only: their output is thrown away, but it must not be NaN.
-        reach = [0] * hi
-        for s, p in zip(decode_slots, positions, strict=True):
-            reach[s] = p
-        packed = torch.tensor(
-            ids + pos + keep + list(decode_slots) + rows + reach, dtype=torch.long
-        ).to(device)
+        ids = list(last_tokens)
+        pos = list(positions)
+        owner = list(decode_slots)  # each packed token's slot
+        # Whole prompts packed by length (equal lengths side by side attend in one call), then
+        # the later chunks of long prompts; logits come back in the callers' order.
+        order = sorted(
+            range(len(chunks)), key=lambda i: (chunks[i].start > 0, len(chunks[i].tokens))
+        )
+        prompts: list[tuple[int, int, int]] = []
+        tails = []
+        last = [0] * len(chunks)
+        for i in order:
+            chunk = chunks[i]
+            length = len(chunk.tokens)
+            offset = len(ids)
+            if chunk.start:
+                tails.append((chunk.slot, offset, chunk.start, length))
+            elif prompts and prompts[-1][2] == length:
+                prompts[-1] = (prompts[-1][0], prompts[-1][1] + 1, length)
+            else:
+                prompts.append((offset, 1, length))
+            ids.extend(chunk.tokens)
+            pos.extend(range(chunk.start, chunk.start + length))
+            owner.extend([chunk.slot] * length)
+            last[i] = len(ids) - 1
         t = len(ids)
-        ids_t, pos_t = packed[:t], packed[t : 2 * t]
-        keep_t = packed[2 * t : 2 * t + len(keep)]
-        at = 2 * t + len(keep)
-        slots_t = packed[at : at + d]
-        rows_t = packed[at + d : at + d + len(rows)]
-        bias = None
-        if d:
-            reach_t = packed[at + d + len(rows) :]
-            visible = torch.arange(span, device=device)[None, :] <= reach_t[:, None]
-            bias = torch.zeros(visible.shape, dtype=self.k.dtype, device=device)
-            bias = bias.masked_fill_(~visible, float("-inf"))
-            bias = bias.repeat_interleave(kv_heads, dim=0)[:, None, :]  # (hi * kv_heads, 1, span)
+        # One host-to-device copy for every index of the step.
+        packed = torch.tensor(ids + pos + owner + list(range(d)) + last, dtype=torch.long).to(
+            device
+        )
+        ids_t, pos_t, owner_t, keep_t = (
+            packed[:t],
+            packed[t : 2 * t],
+            packed[2 * t : 3 * t],
+            packed[3 * t :],
+        )
+        rows = (
+            (owner_t[:, None] * self.kv_heads + self._heads) * self.capacity + pos_t[:, None]
+        ).view(-1)
+        # The new positions are open to the decode attention from now on (this step included).
+        self.bias.view(-1).index_fill_(0, rows, 0)
+        hi = max(decode_slots) + 1 if d else 0
         step = _Step(
             cache=self,
+            rows=rows,
             decode_count=d,
-            decode_slots=slots_t,
-            decode_rows=rows_t,
+            decode_slots=owner_t[:d],
             hi=hi,
-            span=span,
+            span=max(positions) + 1 if d else 0,
             dense=list(decode_slots) == list(range(hi)),
-            decode_bias=bias,
-            chunks=plan,
+            prompts=prompts,
+            tails=tails,
         )
         if self.lean is not None:
             logits = self.lean.forward(

@@ -28,6 +28,8 @@ Attention = Callable[[int, Tensor, Tensor, Tensor, float], Tensor]
 
 @dataclass
 class _Layer:
+    """One decoder layer's weights; each matrix is (in, out): ``x @ matrix``."""
+
     norm1: Tensor
     qkv: Tensor
     qkv_bias: Tensor | None
@@ -38,20 +40,25 @@ class _Layer:
     down: Tensor
 
 
-def _fuse(linears: list[nn.Linear]) -> tuple[Tensor, Tensor | None]:
-    """One weight (and bias) for several linears; the modules then view into it."""
+def _fuse(linears: list[nn.Linear], transposed: bool) -> tuple[Tensor, Tensor | None]:
+    """One (in, out) matrix (and bias) for several linears (or one); the modules' weights
+    then view into it, so nothing is stored twice and transformers' forward still works.
+
+    ``transposed``: the matrix is stored (in, out), which MKL multiplies ~1.4x faster than
+    transformers' (out, in) at a few rows (CPU); else it is a transposed view of (out, in).
+    """
     weight = torch.cat([m.weight.data for m in linears])
-    bias = None
-    if linears[0].bias is not None:
-        bias = torch.cat([m.bias.data for m in linears])  # type: ignore[union-attr]
+    biases = [m.bias.data for m in linears if m.bias is not None]
+    bias = torch.cat(biases) if biases else None
+    matrix = weight.t().contiguous() if transposed else weight.t()
     row = 0
     for m in linears:
         rows = m.weight.shape[0]
-        m.weight.data = weight[row : row + rows]
-        if bias is not None:
-            m.bias.data = bias[row : row + rows]  # type: ignore[union-attr]
+        m.weight.data = matrix[:, row : row + rows].t()
+        if m.bias is not None and bias is not None:
+            m.bias.data = bias[row : row + rows]
         row += rows
-    return weight, bias
+    return matrix, bias
 
 
 class LeanDecoder:
@@ -63,19 +70,24 @@ class LeanDecoder:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.eps = config.rms_norm_eps
         self.scaling = self.head_dim**-0.5
+        transposed = decoder.embed_tokens.weight.device.type == "cpu"
+        # The output embedding, (hidden, vocab); a tied input embedding views into it.
+        head = model.get_output_embeddings()
+        assert isinstance(head, nn.Linear)  # checked by of()
+        self.lm_head, _ = _fuse([head], transposed)
         self.embed = decoder.embed_tokens.weight
         self.norm = decoder.norm.weight
-        self.lm_head = model.get_output_embeddings().weight
         self.layers = []
         for layer in decoder.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            qkv, qkv_bias = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
-            gate_up, _ = _fuse([mlp.gate_proj, mlp.up_proj])
+            qkv, qkv_bias = _fuse([attn.q_proj, attn.k_proj, attn.v_proj], transposed)
+            o, o_bias = _fuse([attn.o_proj], transposed)
+            gate_up, _ = _fuse([mlp.gate_proj, mlp.up_proj], transposed)
+            down, _ = _fuse([mlp.down_proj], transposed)
             self.layers.append(
                 _Layer(
-                    layer.input_layernorm.weight, qkv, qkv_bias, attn.o_proj.weight,
-                    attn.o_proj.bias, layer.post_attention_layernorm.weight, gate_up,
-                    mlp.down_proj.weight,
+                    layer.input_layernorm.weight, qkv, qkv_bias, o, o_bias,
+                    layer.post_attention_layernorm.weight, gate_up, down,
                 )
             )  # fmt: skip
         self.rotary = decoder.rotary_emb
@@ -102,6 +114,7 @@ class LeanDecoder:
             and getattr(config, "hidden_act", "") == "silu"
             and not getattr(config, "mlp_bias", False)
             and inner is not None
+            and isinstance(model.get_output_embeddings(), nn.Linear)
             and all(
                 type(layer.self_attn).__name__.endswith("Attention")
                 and not hasattr(layer.self_attn, "q_norm")
@@ -129,19 +142,20 @@ class LeanDecoder:
         q_size, kv_size = heads * hd, kv_heads * hd
         for index, layer in enumerate(self.layers):
             h = torch.rms_norm(x, (width,), layer.norm1, self.eps)
-            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+            if layer.qkv_bias is None:
+                qkv = torch.mm(h, layer.qkv)
+            else:
+                qkv = torch.addmm(layer.qkv_bias, h, layer.qkv)
             # RoPE on the queries and keys at once: x * cos + rotate_half(x) * sin.
             qk = qkv[:, : q_size + kv_size].view(tokens, heads + kv_heads, hd)
             qk = torch.addcmul(qk * cos, qk.index_select(-1, self._perm), sin)
             v = qkv[:, q_size + kv_size :].view(tokens, kv_heads, hd)
             out = attention(index, qk[:, :heads], qk[:, heads:], v, self.scaling)
-            out = out.reshape(tokens, q_size)
-            if layer.o_bias is None:  # the residual added by the matmul itself
-                x = torch.addmm(x, out, layer.o.t())
-            else:
-                x = x + F.linear(out, layer.o, layer.o_bias)
+            if layer.o_bias is not None:
+                x = x + layer.o_bias
+            x = torch.addmm(x, out.reshape(tokens, q_size), layer.o)  # the residual added in
             h = torch.rms_norm(x, (width,), layer.norm2, self.eps)
-            gate, up = torch.mm(h, layer.gate_up.t()).chunk(2, dim=-1)
-            x = torch.addmm(x, F.silu(gate).mul_(up), layer.down.t())
+            gate, up = torch.mm(h, layer.gate_up).chunk(2, dim=-1)
+            x = torch.addmm(x, F.silu(gate).mul_(up), layer.down)
         x = torch.rms_norm(x.index_select(0, keep), (width,), self.norm, self.eps)
-        return F.linear(x, self.lm_head)
+        return torch.mm(x, self.lm_head)
