@@ -5,7 +5,8 @@
    match a one-process run on the same records: within 1e-4 relative for the losses and 1e-4
    absolute for every weight (fp32 on CPU; the two runs differ only in summation order).
 2. SIGKILL of one rank in the middle of a (LoRA) round takes the job down; torchrun restarts
-   it and the restarted job publishes every record in exactly one checkpoint, then commits.
+   it and the restarted job publishes every record in exactly one checkpoint, then commits;
+   its rank 0 is the one member of the trainer's consumer group.
 """
 
 from __future__ import annotations
@@ -218,6 +219,16 @@ def test_sigkill_of_one_rank_restarts_the_job_and_publishes_each_record_once(kaf
     job.wait_for("published policy-")  # by the restarted workers
     # Restarted: each attempt's ranks said where they run.
     assert sum("rank 1 of 2 on" in line for line in job.log) == 2, "".join(job.log[-60:])
+    # Rank 0 alone reads Kafka: one member in the trainer's consumer group (the killed
+    # attempt's consumer leaves it within the session timeout).
+    admin = KafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers)
+    try:
+        deadline = time.monotonic() + 60
+        while len(members := admin.describe_groups([prefix])[prefix]["members"]) != 1:
+            assert time.monotonic() < deadline, members
+            time.sleep(0.5)
+    finally:
+        admin.close()
     job.proc.send_signal(signal.SIGTERM)
     job.wait(timeout_s=120)
 

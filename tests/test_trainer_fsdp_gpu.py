@@ -1,5 +1,6 @@
 """One PPO-ptx round of the 0.5b shape with FSDP2 on one GPU (bf16 gathers over fp32 master
-weights), its peak memory against the memory plan. Deselected where torch sees no GPU."""
+weights), its peak memory against the memory plan; a frozen model offloaded to host memory.
+Deselected where torch sees no GPU."""
 
 from __future__ import annotations
 
@@ -51,3 +52,34 @@ def test_fsdp2_ppo_round_of_the_05b_shape_stays_within_the_plan(tmp_path):
     print(f"peak {peak / 2**30:.2f} GiB, plan {plan.total / 2**30:.2f} GiB "
           f"(weights, gradients, AdamW {weights / 2**30:.2f} GiB)")  # fmt: skip
     assert weights <= peak <= plan.total * 1.1
+
+
+@pytest.mark.gpu
+def test_offloaded_frozen_models_keep_their_shards_in_host_memory(tmp_path, monkeypatch):
+    """``distributed.offload_frozen``: a frozen model's shards stay in host memory (FSDP2's
+    CPUOffloadPolicy), nothing of it stays on the GPU between passes, and it computes what
+    the whole model on the GPU does (bf16 gathers: within bf16's precision)."""
+    from rlhf.kafka_local import free_port
+
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    models.init_models(models.InitConfig(out=str(tmp_path / "base")))
+    dist = Dist.start(DistributedConfig(fsdp="on", offload_frozen=True), "cuda")
+    try:
+        whole, _ = models.load_policy(tmp_path / "base" / "policy", dist.device, torch.float32)
+        frozen, _ = models.load_policy(tmp_path / "base" / "policy", "cpu", torch.float32)
+        frozen.requires_grad_(False)
+        before = torch.cuda.memory_allocated()
+        frozen = dist.shard(frozen, trainable=False)
+        assert torch.cuda.memory_allocated() == before  # nothing of it moved to the GPU
+        assert all(p.to_local().device.type == "cpu" for p in frozen.parameters())
+        ids = torch.randint(3, 100, (2, 16), device=dist.device)
+        mask = torch.ones_like(ids)
+        with torch.no_grad():
+            got = frozen(input_ids=ids, attention_mask=mask).logits.float()
+            with models.autocast(dist.device):
+                want = whole(input_ids=ids, attention_mask=mask).logits.float()
+        torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
+        dist.reshard(frozen)
+        assert all(p.to_local().device.type == "cpu" for p in frozen.parameters())
+    finally:
+        dist.close()

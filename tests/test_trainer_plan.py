@@ -4,7 +4,8 @@ plan says does not fit (then running it with the option the refusal named).
 Measured: parameters (policy, reward model), fp32 weight, gradient and AdamW-state bytes
 after a real optimizer step, LoRA adapter parameters, and, over two gloo processes, the
 bytes of each rank's FSDP2 shards (the plan's figure / 2, up to FSDP2's padding of each
-parameter's first dimension to a multiple of the world size)."""
+parameter's first dimension to a multiple of the world size), and of a frozen model sharded
+or, with ``distributed.shard_frozen`` false, whole on each rank."""
 
 from __future__ import annotations
 
@@ -77,6 +78,12 @@ def _shard_and_measure(rank: int, world: int, port: int, model_dir: str, out: di
         policy = dist.shard(policy, trainable=True)
         opt = one_step(policy)
         out[rank] = (local_bytes(policy.parameters()), state_bytes(opt))
+        # Frozen models: sharded like the trained ones, or whole on every rank.
+        for shard_frozen in (True, False):
+            placed = Dist(DistributedConfig(shard_frozen=shard_frozen), rank=rank, world=world)
+            frozen, _ = models.load_policy(model_dir, "cpu", torch.float32)
+            frozen = placed.shard(frozen.requires_grad_(False), trainable=False)
+            out[(rank, shard_frozen)] = local_bytes(frozen.parameters())
     finally:
         dist.close()
 
@@ -90,13 +97,20 @@ def test_fsdp2_shards_hold_what_the_plan_says(tmp_path):
     with mp.Manager() as manager:
         out = manager.dict()
         mp.spawn(_shard_and_measure, args=(2, free_port(), str(tmp_path / "policy"), out), nprocs=2)
-        measured = dict(out)
+        everything = dict(out)
+    measured = {rank: everything[rank] for rank in range(2)}
+    frozen = {key: v for key, v in everything.items() if isinstance(key, tuple)}
     # Padding: each parameter's first dimension is rounded up to a multiple of 2.
     padding = 4 * sum(p[0].numel() for p in models.load_policy(tmp_path / "policy")[0].parameters())
     for weights, adam in measured.values():
         assert abs(weights - lines["policy weights (fp32)"]) <= padding
         assert abs(adam - lines["policy AdamW state (fp32)"]) <= 2 * padding
     assert sum(w for w, _ in measured.values()) >= 4 * shape.policy_params()
+    for shard_frozen in (True, False):
+        setup = Setup(gpus=2, sharded=True, cuda=False, shard_frozen=shard_frozen)
+        planned = plan_round(shape, "ppo", setup, Batches()).lines["reference (fp32, frozen)"]
+        for rank in range(2):
+            assert abs(frozen[(rank, shard_frozen)] - planned) <= (padding if shard_frozen else 0)
 
 
 def test_a_round_that_does_not_fit_is_refused_and_runs_with_the_named_option(
