@@ -5,8 +5,8 @@
    match a one-process run on the same records: within 1e-4 relative for the losses and 1e-4
    absolute for every weight (fp32 on CPU; the two runs differ only in summation order).
 2. SIGKILL of one rank in the middle of a (LoRA) round takes the job down; torchrun restarts
-   it and the restarted job publishes every record in exactly one checkpoint, then commits;
-   its rank 0 is the one member of the trainer's consumer group.
+   it and the restarted job publishes every record in exactly one checkpoint, announces it
+   once, then commits; its rank 0 is the one member of the trainer's consumer group.
 """
 
 from __future__ import annotations
@@ -246,3 +246,11 @@ def test_sigkill_of_one_rank_restarts_the_job_and_publishes_each_record_once(kaf
     finally:
         admin.close()
     assert {(tp.topic, tp.partition): om.offset for tp, om in group.items()} == offsets
+    # Announced once (published, then promoted), the killed attempt's round not at all.
+    from tests.test_trainer_rounds import model_events
+
+    announced = sorted((e.version, events_pb2.ModelEventKind.Name(e.kind))
+                       for e in model_events(kafka, topics, want=2))  # fmt: skip
+    version = manifests[0].version
+    assert announced == [(version, "MODEL_EVENT_KIND_PROMOTED"),
+                         (version, "MODEL_EVENT_KIND_PUBLISHED")]  # fmt: skip
