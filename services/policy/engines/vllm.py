@@ -4,7 +4,9 @@ vLLM pins its own torch and transformers, so it runs from its own environment
 (``scripts/vllm_env.sh`` builds and caches one; ``--vllm.python`` points at any other, such as
 a GPU image's). ``load`` starts ``python -m vllm.entrypoints.openai.api_server`` for the
 version's directory on a free localhost port and waits for it; ``warm_up`` sends a real
-completion; ``unload`` stops the process. A hot swap is therefore the pool's usual one: the new
+completion; ``unload`` stops the process. Each server runs under ``vllm_guard.py``, which also
+stops it when the process that started it is gone, however that ended: no vLLM process is left
+behind by a crash or a kill. A hot swap is therefore the pool's usual one: the new
 version's process starts beside the old one, is verified and warmed up, takes new requests,
 and the old process stops after its last request. On a GPU both processes hold memory during
 the swap: each takes ``--vllm.gpu-memory-utilization`` of it (weights + KV cache), so the
@@ -53,7 +55,7 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import aiohttp
 from prometheus_client import CollectorRegistry
@@ -76,6 +78,7 @@ from services.policy.engine import (
 from services.policy.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
+GUARD = Path(__file__).with_name("vllm_guard.py")
 
 ROOT = Path(__file__).resolve().parents[3]
 ENV_SCRIPT = ROOT / "scripts" / "vllm_env.sh"
@@ -104,8 +107,9 @@ class VLLMPolicy:
     eos_token_ids: frozenset[int]
     max_context: int | None
     url: str
-    process: subprocess.Popen
+    process: subprocess.Popen  # vllm_guard.py, which runs the server (see there)
     log_path: Path
+    lifeline: BinaryIO  # write end of the guard's pipe: closes when this process ends, however
 
     def log_tail(self, chars: int = 3000) -> str:
         with contextlib.suppress(OSError):
@@ -214,13 +218,6 @@ class VLLMEngine:
         path = Path(path).resolve()
         port = free_port()
         cmd = self.command(path, version, port)
-        log_path = Path(tempfile.mkstemp(prefix=f"vllm-{version}-", suffix=".log")[1])
-        with log_path.open("wb") as out:
-            # A session of its own: unload stops vLLM's engine-core child with it.
-            process = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, env=self._environment(),
-                start_new_session=True,
-            )  # fmt: skip
         tokenizer = load_tokenizer(path)
         eos = set()
         with contextlib.suppress(OSError, ValueError):
@@ -229,9 +226,11 @@ class VLLMEngine:
         if tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
         positions = getattr(AutoConfig.from_pretrained(str(path)), "max_position_embeddings", None)
+        log_path = Path(tempfile.mkstemp(prefix=f"vllm-{version}-", suffix=".log")[1])
+        process, held = start_guarded(cmd, log_path, self._environment())
         policy = VLLMPolicy(
             version, tokenizer, frozenset(eos), min(positions or self.max_seq_len, self.max_seq_len),
-            f"http://127.0.0.1:{port}", process, log_path,
+            f"http://127.0.0.1:{port}", process, log_path, held,
         )  # fmt: skip
         log.info("starting vLLM for %s on port %d (log: %s)", version, port, log_path)
         with self._lock:
@@ -302,15 +301,21 @@ class VLLMEngine:
 
     @staticmethod
     def _terminate(policy: VLLMPolicy) -> None:
+        """Stops the version's vLLM processes: SIGTERM to the guard, which ends the server's
+        process group (SIGKILL after its grace period) and exits when the server has."""
         if policy.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(policy.process.pid, signal.SIGTERM)
+                policy.process.send_signal(signal.SIGTERM)
             try:
                 policy.process.wait(30)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(policy.process.pid, signal.SIGKILL)
+            except subprocess.TimeoutExpired:  # the guard is stuck: end everything here
+                servers = _children(policy.process.pid)  # each leads its process group
+                policy.process.kill()
+                for pid in servers:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(pid, signal.SIGKILL)
                 policy.process.wait(10)
+        policy.lifeline.close()
         log.info("stopped vLLM for %s", policy.version)
 
     # ------------------------------------------------------------------ requests
@@ -482,6 +487,38 @@ class VLLMEngine:
             self._policies.clear()
         for policy in policies:
             self._terminate(policy)
+
+
+def start_guarded(
+    command: list[str], log_path: Path, env: dict[str, str]
+) -> tuple[subprocess.Popen, BinaryIO]:
+    """Starts ``command`` (whose first word is a Python) under ``vllm_guard.py``; returns the
+    guard's process and the write end of its pipe. The guard ends the command's process group
+    when sent SIGTERM, and by itself when this process is gone however it ended (the write end,
+    held only here, closes): no vLLM process is ever orphaned."""
+    watch, lifeline = os.pipe()
+    try:
+        with log_path.open("wb") as out:
+            process = subprocess.Popen(
+                [command[0], str(GUARD), str(watch), *command],
+                stdout=out, stderr=subprocess.STDOUT, env=env,
+                pass_fds=(watch,), start_new_session=True,
+            )  # fmt: skip
+    except BaseException:
+        os.close(lifeline)
+        raise
+    finally:
+        os.close(watch)
+    return process, os.fdopen(lifeline, "wb", buffering=0)
+
+
+def _children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (Linux's /proc)."""
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            found += [int(c) for c in (task / "children").read_text().split()]
+    return found
 
 
 def _cancel(task: asyncio.Task[None]) -> None:
