@@ -249,11 +249,7 @@ class SampleText:
         if not self.gen.incremental_text:
             # The EOS token is in token_ids (training sees the sample ended) but never in the text.
             ids = self.token_ids[:-1] if reason is FinishReason.EOS_TOKEN else self.token_ids
-            text = str(
-                self.gen.policy.tokenizer.decode(
-                    ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
-                )
-            )
+            text = self.detok.decode_all(ids)
         return SampleDone(
             self.index, tuple(self.token_ids), tuple(self.logprobs), tuple(self.texts), text, reason
         )

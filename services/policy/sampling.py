@@ -9,7 +9,8 @@ so selection costs the same few tensor operations at any batch size.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -167,6 +168,18 @@ def _top_p(scores: Tensor, p: Tensor) -> Tensor:
     return scores.masked_fill(scores < threshold, float("-inf"))
 
 
+def text_decoder(tokenizer) -> Callable[[Sequence[int]], str]:
+    """``tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)``:
+    for a fast tokenizer that is exactly its Rust backend's decode, called directly (a third of
+    the time: it runs for every token of every streamed sample)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return functools.partial(backend.decode, skip_special_tokens=True)
+    return functools.partial(
+        tokenizer.decode, skip_special_tokens=True, clean_up_tokenization_spaces=False
+    )
+
+
 class Detokenizer:
     """Turns a growing list of token ids into text deltas without re-decoding everything.
 
@@ -175,15 +188,12 @@ class Detokenizer:
     """
 
     def __init__(self, tokenizer, prefix_ids: Sequence[int] = ()) -> None:
-        self._tok = tokenizer
+        self._decode = text_decoder(tokenizer)
         # ``prefix_ids`` (the prompt's last tokens) only give the first deltas their context:
         # some tokenizers decode a token differently at the start of a text.
         self._ids: list[int] = list(prefix_ids)
         self._prefix = 0
         self._read = len(self._ids)
-
-    def _decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def push(self, token_id: int) -> str:
         self._ids.append(token_id)
@@ -193,6 +203,10 @@ class Detokenizer:
             self._prefix, self._read = self._read, len(self._ids)
             return after[len(before) :]
         return ""
+
+    def decode_all(self, ids: Sequence[int]) -> str:
+        """The text of ``ids`` alone (no prefix context)."""
+        return str(self._decode(ids))
 
     def flush(self) -> str:
         """The text of the ids held back so far (ending in U+FFFD: an unfinished character)."""
