@@ -10,6 +10,7 @@ import dataclasses
 import pytest
 import torch
 from prometheus_client import CollectorRegistry
+from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from rlhf.models import build_tiny, load_policy
 from services.policy.engines.native import LoadedPolicy, NativeEngine
@@ -63,7 +64,8 @@ def reference_tokens(
     policy: LoadedPolicy, prompt: list[int], params: SamplingParams, index: int
 ) -> list[int]:
     """The replaced engine's algorithm for one sample: a forward pass over the whole sequence
-    per token, one ``torch.rand(1)`` per sampled token from the sample's own generator."""
+    per token, one ``torch.rand(1)`` per sampled token from the sample's own generator, up to
+    EOS."""
     generator = torch.Generator().manual_seed(sample_seed(params.seed or 0, index))
     ids = list(prompt)
     out: list[int] = []
@@ -94,13 +96,35 @@ def reference_tokens(
                 )
             out.append(token)
             ids.append(token)
+            if token in policy.eos_token_ids:
+                break
     return out
 
 
-def test_same_tokens_as_the_replaced_engine_with_chunked_prefill(policy: LoadedPolicy) -> None:
+@pytest.fixture(scope="module")
+def qwen3(policy: LoadedPolicy) -> LoadedPolicy:
+    """A model that runs transformers' own forward with the slot cache as its attention backend
+    (Qwen3's query/key norms are not in the lean Llama-family forward)."""
+    tok = policy.tokenizer
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    return LoadedPolicy.of(Qwen3ForCausalLM(config).eval(), tok, "qwen3")
+
+
+@pytest.mark.parametrize("family", ["policy", "qwen3"])
+def test_same_tokens_as_the_replaced_engine_with_chunked_prefill(
+    family: str, request: pytest.FixtureRequest
+) -> None:
     """Seeded and greedy requests of every kind, sharing batches, with a step budget small
     enough that the long prompt is prefilled in chunks while the others decode, and prompts of
-    equal length prefilled side by side."""
+    equal length prefilled side by side; on the lean forward (Llama) and on transformers' own
+    (Qwen3)."""
+    policy: LoadedPolicy = request.getfixturevalue(family)
     tok = policy.tokenizer
     base = SamplingParams(do_sample=True, seed=11, max_new_tokens=12)
     cases = [
@@ -124,8 +148,10 @@ def test_same_tokens_as_the_replaced_engine_with_chunked_prefill(policy: LoadedP
 
     try:
         results = asyncio.run(main())
+        lean = engine.stats().kv_bytes and engine._batches[policy].cache.lean is not None
     finally:
         engine.stop()
+    assert lean == (family == "policy")
     assert len(tok(cases[0][0])["input_ids"]) > 40  # really chunked
     assert engine.metrics.forward.labels("mixed")._sum.get() > 0  # chunks next to decoding rows
     for (prompt, params, _n), samples in zip(cases, results, strict=True):

@@ -29,6 +29,7 @@ full (not sliding-window) attention: Llama, Qwen2/3, Mistral without a window, .
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -98,12 +99,19 @@ def slot_attention(
 
 
 def attend(
-    step: _Step, layer: int, q: Tensor, k: Tensor, v: Tensor, scaling: float | None
+    step: _Step,
+    layer: int,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scaling: float | None,
+    kv: Tensor | None = None,
 ) -> Tensor:
     """Writes the packed tokens' keys and values into their slots, then attends.
 
-    ``q``: (T, heads, hd), ``k``/``v``: (T, kv_heads, hd) for the step's packed tokens;
-    returns (T, heads, hd).
+    ``q``: (T, heads, hd), ``k``/``v``: (T, kv_heads, hd) for the step's packed tokens, or
+    also ``kv``: both as (T, 2, kv_heads, hd), written in one operation; returns
+    (T, heads, hd).
     """
     cache = step.cache
     keys, values = cache.k[layer], cache.v[layer]
@@ -111,9 +119,12 @@ def attend(
     gqa = heads != kv_heads
     scale = scaling if scaling is not None else hd**-0.5
     # Every packed token's key and value to its own slot and position: rows of the cache seen
-    # as (slots * kv_heads * capacity, head_dim).
-    cache.k_rows[layer].index_copy_(0, step.rows, k.reshape(-1, hd))
-    cache.v_rows[layer].index_copy_(0, step.rows, v.reshape(-1, hd))
+    # as (slots * kv_heads * capacity, key | value).
+    if kv is not None:
+        cache.rows[layer].index_copy_(0, step.rows, kv.transpose(1, 2).reshape(-1, 2 * hd))
+    else:
+        cache.rows[layer][:, :hd].index_copy_(0, step.rows, k.reshape(-1, hd))
+        cache.rows[layer][:, hd:].index_copy_(0, step.rows, v.reshape(-1, hd))
     outs = []
     d = step.decode_count
     if d:
@@ -183,14 +194,14 @@ class SlotCache:
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         param = next(model.parameters())
-        shape = (config.num_hidden_layers, slots, kv_heads, capacity, head_dim)
+        # A token's key and value side by side: (layers, slots, kv_heads, capacity, 2 * hd).
         # Zeros, not empty: a masked-out position is still multiplied by a zero weight, and
         # uninitialised memory may hold NaN.
-        self.k = torch.zeros(shape, dtype=param.dtype, device=param.device)
-        self.v = torch.zeros(shape, dtype=param.dtype, device=param.device)
-        # Per layer, the same memory as rows of one key or value each.
-        self.k_rows = [layer.view(-1, head_dim) for layer in self.k]
-        self.v_rows = [layer.view(-1, head_dim) for layer in self.v]
+        shape = (config.num_hidden_layers, slots, kv_heads, capacity, 2 * head_dim)
+        self.kv = torch.zeros(shape, dtype=param.dtype, device=param.device)
+        self.k, self.v = self.kv[..., :head_dim], self.kv[..., head_dim:]
+        # Per layer, the same memory as rows of one key and value each.
+        self.rows = [layer.view(-1, 2 * head_dim) for layer in self.kv]
         self.kv_heads = kv_heads
         # Decode attention bias per (slot, key/value head): 0 at the positions the slot holds,
         # -inf beyond; position 0 always open, so a slot that does not decode in a step (free,
@@ -214,7 +225,7 @@ class SlotCache:
 
     @property
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+        return self.kv.numel() * self.kv.element_size()
 
     @property
     def free_slots(self) -> int:
@@ -237,8 +248,7 @@ class SlotCache:
         if not targets:
             return
         idx = torch.tensor(list(targets), device=self.device)
-        self.k[:, idx, :, :length] = self.k[:, source : source + 1, :, :length]
-        self.v[:, idx, :, :length] = self.v[:, source : source + 1, :, :length]
+        self.kv[:, idx, :, :length] = self.kv[:, source : source + 1, :, :length]
         bias = self.bias.view(self.slots, self.kv_heads, self.capacity)
         bias[idx, :, :length] = 0
         for t in targets:
@@ -285,19 +295,32 @@ class SlotCache:
             owner.extend([chunk.slot] * length)
             last[i] = len(ids) - 1
         t = len(ids)
+        kv_heads, capacity = self.kv_heads, self.capacity
+        # Where each token's key and value go, as rows of the flat cache: computed here for a
+        # few tokens, on the device for many (a prefill).
+        few = t * kv_heads <= 512
+        rows_list = []
+        if few:
+            heads = range(kv_heads)
+            rows_list = [
+                (o * kv_heads + h) * capacity + p
+                for o, p in zip(owner, pos, strict=True)
+                for h in heads
+            ]
         # One host-to-device copy for every index of the step.
-        packed = torch.tensor(ids + pos + owner + list(range(d)) + last, dtype=torch.long).to(
-            device
-        )
-        ids_t, pos_t, owner_t, keep_t = (
-            packed[:t],
-            packed[t : 2 * t],
-            packed[2 * t : 3 * t],
-            packed[3 * t :],
-        )
-        rows = (
-            (owner_t[:, None] * self.kv_heads + self._heads) * self.capacity + pos_t[:, None]
-        ).view(-1)
+        packed = torch.tensor(
+            ids + pos + owner + list(range(d)) + last + rows_list, dtype=torch.long
+        ).to(device)
+        ids_t, pos_t, owner_t = packed[:t], packed[t : 2 * t], packed[2 * t : 3 * t]
+        keep_end = 3 * t + d + len(chunks)
+        # No chunk: the logits of every packed token are wanted (no selection).
+        keep_t = packed[3 * t : keep_end] if chunks else None
+        if few:
+            rows = packed[keep_end:]
+        else:
+            rows = ((owner_t[:, None] * kv_heads + self._heads) * capacity + pos_t[:, None]).view(
+                -1
+            )
         # The new positions are open to the decode attention from now on (this step included).
         self.bias.view(-1).index_fill_(0, rows, 0)
         hi = max(decode_slots) + 1 if d else 0
@@ -313,9 +336,7 @@ class SlotCache:
             tails=tails,
         )
         if self.lean is not None:
-            logits = self.lean.forward(
-                ids_t, pos_t, keep_t, lambda layer, q, k, v, sc: attend(step, layer, q, k, v, sc)
-            )
+            logits = self.lean.forward(ids_t, pos_t, keep_t, functools.partial(attend, step))
         else:
             logits = self.model(
                 input_ids=ids_t[None],
@@ -323,7 +344,7 @@ class SlotCache:
                 # A 4D mask is taken as already built: transformers makes none of its own.
                 attention_mask=_NO_MASK.to(device),
                 use_cache=False,
-                logits_to_keep=keep_t,
+                logits_to_keep=keep_t if keep_t is not None else 0,  # 0: all
                 rlhf_step=step,
             ).logits[0]
         for s in decode_slots:

@@ -13,8 +13,8 @@ transformers' forward (with ``slot_attention``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,15 @@ from transformers import PreTrainedModel
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
-Attention = Callable[[int, Tensor, Tensor, Tensor, float], Tensor]
+
+
+class Attention(Protocol):
+    """Attention of layer ``layer`` over the packed queries ``q`` (T, heads, hd), keys ``k``
+    and values ``v`` (T, kv_heads, hd), also given side by side as ``kv`` (T, 2, kv_heads, hd)."""
+
+    def __call__(
+        self, layer: int, q: Tensor, k: Tensor, v: Tensor, scaling: float, kv: Tensor
+    ) -> Tensor: ...
 
 
 @dataclass
@@ -98,11 +106,11 @@ class LeanDecoder:
         self._sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(device)
         # RoPE types whose frequencies never change get a table of every position, computed
         # once by the model's own rotary module; the others (dynamic, longrope) ask it per step.
-        self._table: tuple[Tensor, Tensor] | None = None
+        self._table: Tensor | None = None  # (positions, 2, head_dim): cos, signed sin
         if getattr(self.rotary, "rope_type", "default") in STATIC_ROPE:
             positions = torch.arange(max_positions, device=device)[None]
             cos, sin = self.rotary(self.embed[:1][None], positions)
-            self._table = (cos[0].contiguous(), (sin[0] * self._sign).contiguous())
+            self._table = torch.stack([cos[0], sin[0] * self._sign], dim=1)
 
     @classmethod
     def of(cls, model: PreTrainedModel, max_positions: int) -> LeanDecoder | None:
@@ -127,14 +135,15 @@ class LeanDecoder:
     def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """(cos, signed sin) at ``positions``, each (T, 1, head_dim)."""
         if self._table is not None:
-            cos, sin = (t.index_select(0, positions) for t in self._table)
-        else:
-            cos, sin = self.rotary(self.embed[:1][None], positions[None])
-            cos, sin = cos[0], sin[0] * self._sign
-        return cos[:, None], sin[:, None]
+            both = self._table.index_select(0, positions)
+            return both[:, :1], both[:, 1:]
+        cos, sin = self.rotary(self.embed[:1][None], positions[None])
+        return cos[0][:, None], (sin[0] * self._sign)[:, None]
 
-    def forward(self, ids: Tensor, positions: Tensor, keep: Tensor, attention: Attention) -> Tensor:
-        """Next-token logits at the packed positions ``keep``: (len(keep), vocab)."""
+    def forward(
+        self, ids: Tensor, positions: Tensor, keep: Tensor | None, attention: Attention
+    ) -> Tensor:
+        """Next-token logits at the packed positions ``keep`` (None: all): (len(keep), vocab)."""
         x = F.embedding(ids, self.embed)  # (T, hidden)
         cos, sin = self.rope(positions)
         tokens, width = x.shape
@@ -146,16 +155,19 @@ class LeanDecoder:
                 qkv = torch.mm(h, layer.qkv)
             else:
                 qkv = torch.addmm(layer.qkv_bias, h, layer.qkv)
-            # RoPE on the queries and keys at once: x * cos + rotate_half(x) * sin.
+            # RoPE on the queries and keys at once, in place: x * cos + rotate_half(x) * sin.
             qk = qkv[:, : q_size + kv_size].view(tokens, heads + kv_heads, hd)
-            qk = torch.addcmul(qk * cos, qk.index_select(-1, self._perm), sin)
-            v = qkv[:, q_size + kv_size :].view(tokens, kv_heads, hd)
-            out = attention(index, qk[:, :heads], qk[:, heads:], v, self.scaling)
+            torch.addcmul(qk * cos, qk.index_select(-1, self._perm), sin, out=qk)
+            kv = qkv[:, q_size:].view(tokens, 2, kv_heads, hd)
+            q = qkv[:, :q_size].view(tokens, heads, hd)
+            out = attention(index, q, kv[:, 0], kv[:, 1], self.scaling, kv)
             if layer.o_bias is not None:
                 x = x + layer.o_bias
             x = torch.addmm(x, out.reshape(tokens, q_size), layer.o)  # the residual added in
             h = torch.rms_norm(x, (width,), layer.norm2, self.eps)
             gate, up = torch.mm(h, layer.gate_up).chunk(2, dim=-1)
             x = torch.addmm(x, F.silu(gate).mul_(up), layer.down)
-        x = torch.rms_norm(x.index_select(0, keep), (width,), self.norm, self.eps)
+        if keep is not None:
+            x = x.index_select(0, keep)
+        x = torch.rms_norm(x, (width,), self.norm, self.eps)
         return torch.mm(x, self.lm_head)

@@ -63,7 +63,7 @@ class Sampler:
         self.penalty = torch.ones(slots, device=device)
         # One uniform per token a sample may draw (inverse-CDF sampling needs just that).
         self.uniform = torch.zeros(slots, max_new_tokens, device=device)
-        self.step = torch.zeros(slots, dtype=torch.long, device=device)
+        self.steps = [0] * slots  # tokens each slot's sample has drawn so far
         self._seen: Tensor | None = None  # (slots, vocab) bool, made when a penalty first asks
         self._params: list[SamplingParams | None] = [None] * slots
 
@@ -75,7 +75,7 @@ class Sampler:
         self.top_p[slot] = params.top_p
         self.top_k[slot] = params.top_k
         self.penalty[slot] = params.repetition_penalty
-        self.step[slot] = 0
+        self.steps[slot] = 0
         if params.do_sample:
             count = min(params.max_new_tokens, self.uniform.shape[1])
             self.uniform[slot, :count] = draws(seed, count).to(self.device)
@@ -115,7 +115,8 @@ class Sampler:
             if any(p is not None and p.top_p < 1.0 for p in params):
                 sub = _top_p(sub, self.top_p.index_select(0, idx))
             cdf = torch.softmax(sub, dim=-1).cumsum(dim=-1)
-            step = self.step.index_select(0, idx).clamp(max=self.uniform.shape[1] - 1)
+            last = self.uniform.shape[1] - 1
+            step = torch.tensor([min(self.steps[s], last) for s in slots], device=self.device)
             u = self.uniform[idx, step]
             # right=True: the first token whose cumulative mass exceeds the draw, so tokens that
             # top_k / top_p gave zero mass can never be picked.
@@ -123,7 +124,8 @@ class Sampler:
             picked = picked.clamp(max=sub.shape[-1] - 1)
             tokens = torch.where(self.do_sample.index_select(0, idx), picked, tokens)
         chosen = logits.gather(1, tokens[:, None]).squeeze(1) - normaliser
-        self.step.index_add_(0, idx, torch.ones_like(idx))
+        for s in slots:
+            self.steps[s] += 1
         if self._seen is not None:
             self._seen[idx, tokens.clamp(max=self.vocab - 1)] = True
         return tokens.tolist(), chosen.tolist()
