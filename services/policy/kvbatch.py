@@ -64,6 +64,7 @@ class _Step:
     hi: int  # decode attention spans slots [0, hi) ...
     span: int  # ... and positions [0, span)
     dense: bool  # the decoding slots are exactly 0..hi-1, in order: no query scatter
+    bias: Tensor | None  # (hi * kv_heads, 1, span) of the cache's bias, for the decode rows
     # Whole prompts next: (packed offset, how many, length), each group side by side.
     prompts: list[tuple[int, int, int]]
     tails: list[tuple[int, int, int, int]]  # then later chunks: (slot, offset, start, length)
@@ -87,44 +88,24 @@ def slot_attention(
         )
     layer = int(module.layer_idx)  # type: ignore[arg-type]
     # (1, heads, T, hd) -> (T, heads, hd) and back to (1, T, heads, hd).
-    out = attend(
-        rlhf_step,
-        layer,
-        query[0].transpose(0, 1),
-        key[0].transpose(0, 1),
-        value[0].transpose(0, 1),
-        scaling,
-    )
+    kv = torch.stack([key[0].transpose(0, 1), value[0].transpose(0, 1)], dim=1)
+    out = attend(rlhf_step, layer, query[0].transpose(0, 1), kv, scaling)
     return out[None], None
 
 
-def attend(
-    step: _Step,
-    layer: int,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    scaling: float | None,
-    kv: Tensor | None = None,
-) -> Tensor:
+def attend(step: _Step, layer: int, q: Tensor, kv: Tensor, scaling: float | None) -> Tensor:
     """Writes the packed tokens' keys and values into their slots, then attends.
 
-    ``q``: (T, heads, hd), ``k``/``v``: (T, kv_heads, hd) for the step's packed tokens, or
-    also ``kv``: both as (T, 2, kv_heads, hd), written in one operation; returns
-    (T, heads, hd).
+    ``q``: (T, heads, hd) and ``kv``: (T, 2, kv_heads, hd), the keys and values, for the
+    step's packed tokens; returns (T, heads, hd).
     """
     cache = step.cache
-    keys, values = cache.k[layer], cache.v[layer]
-    heads, kv_heads, hd = q.shape[1], k.shape[1], q.shape[2]
+    heads, kv_heads, hd = q.shape[1], kv.shape[2], q.shape[2]
     gqa = heads != kv_heads
     scale = scaling if scaling is not None else hd**-0.5
     # Every packed token's key and value to its own slot and position: rows of the cache seen
     # as (slots * kv_heads * capacity, key | value).
-    if kv is not None:
-        cache.rows[layer].index_copy_(0, step.rows, kv.transpose(1, 2).reshape(-1, 2 * hd))
-    else:
-        cache.rows[layer][:, :hd].index_copy_(0, step.rows, k.reshape(-1, hd))
-        cache.rows[layer][:, hd:].index_copy_(0, step.rows, v.reshape(-1, hd))
+    cache.rows[layer].index_copy_(0, step.rows, kv.transpose(1, 2).reshape(-1, 2 * hd))
     outs = []
     d = step.decode_count
     if d:
@@ -136,21 +117,23 @@ def attend(
         # One query per slot: batched matmuls over the cache where it lies (cheaper than
         # SDPA's kernels at this shape), one batch entry per (slot, key/value head), the
         # grouped query heads of a key/value head as its rows.
-        batch = step.hi * kv_heads
-        scores = torch.baddbmm(
-            cache.bias[:batch, :, : step.span],
-            qd.reshape(batch, -1, hd),
-            keys[: step.hi, :, : step.span].reshape(batch, step.span, hd).transpose(1, 2),
-            alpha=scale,
-        )
-        probs = torch.softmax(scores, dim=-1)
-        out = torch.bmm(probs, values[: step.hi, :, : step.span].reshape(batch, step.span, hd))
-        out = out.view(step.hi, heads, hd)
+        # (slot, head) pairs as one batch dimension of the layer's cache, read where it lies:
+        # keys transposed (batch, hd, span), values (batch, span, hd).
+        batch, span, pair = step.hi * kv_heads, step.span, cache.capacity * 2 * hd
+        base = layer * cache.slots * kv_heads * pair
+        keys_t = cache.kv.as_strided((batch, hd, span), (pair, 1, 2 * hd), base)
+        values = cache.kv.as_strided((batch, span, hd), (pair, 2 * hd, 1), base + hd)
+        assert step.bias is not None  # set whenever a slot decodes
+        scores = torch.baddbmm(step.bias, qd.reshape(batch, -1, hd), keys_t, alpha=scale)
+        out = torch.bmm(torch.softmax(scores, dim=-1), values).view(step.hi, heads, hd)
         outs.append(out if step.dense else out[step.decode_slots])  # (D, heads, hd)
     for offset, count, length in step.prompts:
         # ``count`` whole prompts of ``length`` tokens, side by side: their own keys and values.
         end = offset + count * length
-        qg, kg, vg = (x[offset:end].view(count, length, -1, hd).transpose(1, 2) for x in (q, k, v))
+        qg, kg, vg = (
+            x[offset:end].view(count, length, -1, hd).transpose(1, 2)
+            for x in (q, kv[:, 0], kv[:, 1])
+        )
         out = torch.nn.functional.scaled_dot_product_attention(
             qg, kg, vg, is_causal=True, scale=scaling, enable_gqa=gqa
         )
@@ -158,8 +141,8 @@ def attend(
     for slot, offset, start, length in step.tails:
         # A later chunk of a long prompt: over its slot, its earlier chunks included.
         qc = q[offset : offset + length].transpose(0, 1)[None]
-        kc = keys[slot : slot + 1, :, : start + length]
-        vc = values[slot : slot + 1, :, : start + length]
+        kc = cache.k[layer, slot : slot + 1, :, : start + length]
+        vc = cache.v[layer, slot : slot + 1, :, : start + length]
         rows = torch.arange(start, start + length, device=q.device)[:, None]
         mask = torch.arange(start + length, device=q.device)[None, :] <= rows
         out = torch.nn.functional.scaled_dot_product_attention(
@@ -309,8 +292,8 @@ class SlotCache:
             ]
         # One host-to-device copy for every index of the step.
         packed = torch.tensor(
-            ids + pos + owner + list(range(d)) + last + rows_list, dtype=torch.long
-        ).to(device)
+            ids + pos + owner + list(range(d)) + last + rows_list, dtype=torch.long, device=device
+        )
         ids_t, pos_t, owner_t = packed[:t], packed[t : 2 * t], packed[2 * t : 3 * t]
         keep_end = 3 * t + d + len(chunks)
         # No chunk: the logits of every packed token are wanted (no selection).
@@ -324,14 +307,19 @@ class SlotCache:
         # The new positions are open to the decode attention from now on (this step included).
         self.bias.view(-1).index_fill_(0, rows, 0)
         hi = max(decode_slots) + 1 if d else 0
+        span = max(positions) + 1 if d else 0
+        bias = None
+        if d:
+            bias = self.bias.as_strided((hi * kv_heads, 1, span), (capacity, capacity, 1))
         step = _Step(
             cache=self,
             rows=rows,
             decode_count=d,
             decode_slots=owner_t[:d],
             hi=hi,
-            span=max(positions) + 1 if d else 0,
+            span=span,
             dense=list(decode_slots) == list(range(hi)),
+            bias=bias,
             prompts=prompts,
             tails=tails,
         )

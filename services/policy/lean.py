@@ -26,12 +26,10 @@ STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 
 
 class Attention(Protocol):
-    """Attention of layer ``layer`` over the packed queries ``q`` (T, heads, hd), keys ``k``
-    and values ``v`` (T, kv_heads, hd), also given side by side as ``kv`` (T, 2, kv_heads, hd)."""
+    """Attention of layer ``layer`` over the packed queries ``q`` (T, heads, hd) with their
+    keys and values ``kv`` (T, 2, kv_heads, hd); returns (T, heads, hd)."""
 
-    def __call__(
-        self, layer: int, q: Tensor, k: Tensor, v: Tensor, scaling: float, kv: Tensor
-    ) -> Tensor: ...
+    def __call__(self, layer: int, q: Tensor, kv: Tensor, scaling: float) -> Tensor: ...
 
 
 @dataclass
@@ -160,7 +158,7 @@ class LeanDecoder:
             torch.addcmul(qk * cos, qk.index_select(-1, self._perm), sin, out=qk)
             kv = qkv[:, q_size:].view(tokens, 2, kv_heads, hd)
             q = qkv[:, :q_size].view(tokens, heads, hd)
-            out = attention(index, q, kv[:, 0], kv[:, 1], self.scaling, kv)
+            out = attention(index, q, kv, self.scaling)
             if layer.o_bias is not None:
                 x = x + layer.o_bias
             x = torch.addmm(x, out.reshape(tokens, q_size), layer.o)  # the residual added in
