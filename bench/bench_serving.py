@@ -1,5 +1,6 @@
 """Serving benchmark: the policy server's engines against their peers, on the same model, the
-same 32 prompts (each served 3 times per run) and the same settings, in one run.
+same 32 prompts (each served 3 times per run; every peer continues the token ids the policy
+server makes of them, its chat template included) and the same settings, in one run.
 
     PYTHONPATH=. python bench/bench_serving.py                       # tiny + small, CPU, BPE family
     PYTHONPATH=. python bench/bench_serving.py --sizes small --no-vllm
