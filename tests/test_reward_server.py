@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -282,6 +283,13 @@ def test_cli_serves_and_stops_on_sigterm(rm_dir: Path) -> None:
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             grpc.channel_ready_future(channel).result(timeout=90)
+            # The port opens before the model is loaded: wait until health says SERVING.
+            health = health_pb2_grpc.HealthStub(channel)
+            check = health_pb2.HealthCheckRequest(service="rlhf.v1.RewardService")
+            deadline = time.monotonic() + 90
+            while health.Check(check, timeout=10).status != health_pb2.HealthCheckResponse.SERVING:
+                assert time.monotonic() < deadline, "the reward server never became SERVING"
+                time.sleep(0.2)
             stub = reward_pb2_grpc.RewardServiceStub(channel)
             reply = stub.Score(reward_pb2.ScoreRequest(prompt="p", responses=["x"]), timeout=30)
             assert reply.model_version == "rm-v7"
