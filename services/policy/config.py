@@ -50,6 +50,11 @@ class EngineConfig:
         0,
         "KV slot length in tokens (native; 0: limits.max_input_tokens + limits.max_new_tokens)",
     )
+    prefix_cache_tokens: int = option(
+        8192,
+        "prompt tokens whose keys and values the native engine keeps per version for reuse by "
+        "prompts that start the same way (0: off)",
+    )
     torch_threads: int = option(0, "torch CPU threads (0: torch's default)")
     switch_interval_ms: float = option(
         0.5, "Python's thread switch interval: how long the event loop may wait for the GIL"
@@ -64,6 +69,8 @@ class EngineConfig:
             raise ValueError("engine sizes must be >= 1")
         if self.max_step_tokens <= self.max_batch_size:
             raise ValueError("engine.max_step_tokens must exceed engine.max_batch_size")
+        if self.prefix_cache_tokens < 0:
+            raise ValueError("engine.prefix_cache_tokens must be >= 0")
         if self.max_seq_len < 0:
             raise ValueError("engine.max_seq_len must be >= 0")
 

@@ -298,6 +298,11 @@ class EngineMetrics:
         self.generated = Counter(
             f"{prefix}_generated_tokens", "Tokens generated", registry=registry
         )
+        self.prefix_hit_tokens = Counter(
+            f"{prefix}_prefix_cache_hit_tokens",
+            "Prompt tokens whose keys and values came from the prefix cache (native engine)",
+            registry=registry,
+        )
         self.finished = Counter(
             f"{prefix}_samples_finished",
             "Samples finished, by reason",

@@ -237,6 +237,17 @@ class SlotCache:
         for t in targets:
             self.lengths[t] = length
 
+    def save_prefix(self, slot: int, length: int) -> Tensor:
+        """A copy of the first ``length`` positions of ``slot``: (layers, kv_heads, length, 2hd)."""
+        return self.kv[:, slot, :, :length].clone()
+
+    def load_prefix(self, slot: int, kv: Tensor, length: int) -> None:
+        """Gives the empty ``slot`` the first ``length`` positions of a ``save_prefix`` copy."""
+        self.kv[:, slot, :, :length] = kv[:, :, :length]
+        bias = self.bias.view(self.slots, self.kv_heads, self.capacity)
+        bias[slot, :, :length] = 0
+        self.lengths[slot] = length
+
     def forward(
         self, decode_slots: Sequence[int], last_tokens: Sequence[int], chunks: Sequence[Chunk]
     ) -> Tensor:

@@ -93,26 +93,35 @@ class Sampler:
 
         ``logits``: (R, V) float32 for the last position of the rows in ``slots``.
         """
-        params = [self._params[s] for s in slots]
-        idx = torch.tensor(list(slots), dtype=torch.long, device=self.device)
+        sampled = penalised = top_k = top_p = False
+        for s in slots:
+            p = self._params[s]
+            if p is not None:
+                sampled = sampled or p.do_sample
+                penalised = penalised or p.repetition_penalty != 1.0
+                top_k = top_k or p.top_k > 0
+                top_p = top_p or p.top_p < 1.0
         # The chosen token's logprob under the unprocessed distribution: logit - logsumexp.
         normaliser = torch.logsumexp(logits, dim=-1)
         scores = logits
-        if self._seen is not None and any(
-            p is not None and p.repetition_penalty != 1.0 for p in params
-        ):
+        idx = None
+        if sampled or self._seen is not None:
+            idx = torch.tensor(list(slots), dtype=torch.long, device=self.device)
+        if penalised:
+            assert self._seen is not None and idx is not None  # made by start()
             # As in transformers: a seen token's logit is divided by the penalty if positive,
             # multiplied if negative (prompt and generated tokens alike).
             penalty = self.penalty.index_select(0, idx)[:, None]
             seen = self._seen.index_select(0, idx)[:, : scores.shape[-1]]
-            penalised = torch.where(scores > 0, scores / penalty, scores * penalty)
-            scores = torch.where(seen, penalised, scores)
+            penalised_scores = torch.where(scores > 0, scores / penalty, scores * penalty)
+            scores = torch.where(seen, penalised_scores, scores)
         tokens = _argmax(scores)
-        if any(p is not None and p.do_sample for p in params):
+        if sampled:
+            assert idx is not None
             sub = scores / self.temperature.index_select(0, idx)[:, None]
-            if any(p is not None and p.top_k > 0 for p in params):
+            if top_k:
                 sub = _top_k(sub, self.top_k.index_select(0, idx))
-            if any(p is not None and p.top_p < 1.0 for p in params):
+            if top_p:
                 sub = _top_p(sub, self.top_p.index_select(0, idx))
             cdf = torch.softmax(sub, dim=-1).cumsum(dim=-1)
             last = self.uniform.shape[1] - 1

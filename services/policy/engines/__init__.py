@@ -32,4 +32,5 @@ def make_engine(config: PolicyServerConfig, registry: CollectorRegistry) -> Gene
         max_seq_len=config.seq_len,
         device=config.model.device,
         dtype=config.model.dtype,
+        prefix_cache_tokens=engine.prefix_cache_tokens,
     )

@@ -8,7 +8,9 @@ long prompts are prefilled in chunks over several steps, while the others keep d
 KV memory is preallocated per slot and written in place (``kvbatch.py``); token selection is
 vectorised over per-slot parameters (``sampling.py``).
 
-A request's ``n`` samples share one prefill of the prompt. Each request keeps the
+A request's ``n`` samples share one prefill of the prompt, and a prompt that starts like one
+prefilled before reuses that prefix's keys and values (``prefix.py``; all but its last token
+cached: that token joins the step's decode rows). Each request keeps the
 ``LoadedPolicy`` it started with: sequences are batched per policy, so during a model swap
 both versions decode side by side, and a version's KV memory is freed when it is unloaded.
 """
@@ -44,6 +46,7 @@ from services.policy.engine import (
     deliver_all,
 )
 from services.policy.kvbatch import Chunk, SlotCache
+from services.policy.prefix import PrefixCache
 from services.policy.sampling import Sampler, SamplingParams, sample_seed
 
 log = logging.getLogger(__name__)
@@ -102,6 +105,7 @@ class _Batch:
 
     cache: SlotCache
     sampler: Sampler
+    prefix: PrefixCache | None = None
     decoding: list[_Seq] = field(default_factory=list)
     prefilling: collections.deque[_Prefill] = field(default_factory=collections.deque)
     retired: bool = False
@@ -111,6 +115,9 @@ class _Batch:
 
     def sequences(self) -> list[_Seq]:
         return self.decoding + [s for p in self.prefilling for s in p.seqs]
+
+    def running(self) -> int:
+        return len(self.decoding) + sum(len(p.seqs) for p in self.prefilling)
 
 
 class NativeEngine:
@@ -128,6 +135,7 @@ class NativeEngine:
         max_seq_len: int = 2048,
         device: str = "auto",
         dtype: str = "auto",
+        prefix_cache_tokens: int = 0,
     ) -> None:
         if max_step_tokens <= max_batch_size:
             raise ValueError("max_step_tokens must exceed max_batch_size (room for prefill)")
@@ -135,6 +143,7 @@ class NativeEngine:
         self.max_queue = max_queue
         self.max_step_tokens = max_step_tokens
         self.max_seq_len = max_seq_len
+        self.prefix_cache_tokens = prefix_cache_tokens
         self._device, self._dtype = device, dtype
         self.metrics = EngineMetrics(registry)
         self._cond = threading.Condition()
@@ -189,7 +198,12 @@ class NativeEngine:
             capacity = min(self.max_seq_len, policy.max_context or self.max_seq_len)
             cache = SlotCache(policy.model, self.max_batch_size, capacity)
             vocab = policy.model.get_output_embeddings().weight.shape[0]
-            batch = _Batch(cache, Sampler(self.max_batch_size, vocab, capacity, cache.device))
+            prefix = (
+                PrefixCache(cache, self.prefix_cache_tokens) if self.prefix_cache_tokens else None
+            )
+            batch = _Batch(
+                cache, Sampler(self.max_batch_size, vocab, capacity, cache.device), prefix
+            )
             self._batches[policy] = batch
             log.info(
                 "policy %s: %d KV slots x %d tokens (%.1f MiB)",
@@ -241,9 +255,11 @@ class NativeEngine:
             return EngineStats(
                 kind=self.kind,
                 waiting=len(self._waiting),
-                running=sum(len(b.sequences()) for _, b in batches),
+                running=sum(b.running() for _, b in batches),
                 versions=tuple(sorted(p.version for p, b in batches if not b.retired)),
-                kv_bytes=sum(b.cache.nbytes for _, b in batches),
+                kv_bytes=sum(
+                    b.cache.nbytes + (b.prefix.nbytes if b.prefix else 0) for _, b in batches
+                ),
                 kv_tokens_used=sum(sum(b.cache.lengths) for _, b in batches),
                 kv_tokens_total=sum(b.cache.slots * b.cache.capacity for _, b in batches),
             )
@@ -311,7 +327,7 @@ class NativeEngine:
                     for policy, batch in list(self._batches.items()):
                         if batch.retired and batch.empty():
                             del self._batches[policy]  # unloaded, its last sequence gone
-                    running = sum(len(b.sequences()) for b in self._batches.values())
+                    running = sum(b.running() for b in self._batches.values())
                     if self._idle():
                         self._cond.notify_all()  # wakes wait_idle callers
                     used = sum(sum(b.cache.lengths) for b in self._batches.values())
@@ -340,7 +356,9 @@ class NativeEngine:
                 break
             self._waiting.popleft()
             seqs = [self._new_seq(batch, gen, i) for i in range(gen.n)]
-            batch.prefilling.append(_Prefill(gen, seqs))
+            cached = batch.prefix.fill(seqs[0].slot, gen.prompt_ids) if batch.prefix else 0
+            self.metrics.prefix_hit_tokens.inc(cached)
+            batch.prefilling.append(_Prefill(gen, seqs, cached))
             admitted.append(gen)
             self.metrics.queue_time.observe(time.perf_counter() - gen.submitted_at)
         self.metrics.queue_size.set(len(self._waiting))
@@ -363,7 +381,9 @@ class NativeEngine:
         now = time.monotonic()
         with self._cond:
             for batch in self._batches.values():
-                gone = {s.gen for s in batch.sequences() if s.gen.cancelled or s.gen.expired(now)}
+                gens = {s.out.gen for s in batch.decoding}
+                gens.update(p.gen for p in batch.prefilling)
+                gone = {g for g in gens if g.cancelled or g.expired(now)}
                 if not gone:
                     continue
                 for gen in gone:
@@ -379,48 +399,62 @@ class NativeEngine:
 
     def _step(self, policy: LoadedPolicy, batch: _Batch) -> None:
         """One packed forward pass of this policy's decoding sequences and prompt chunks."""
-        decoding = sorted(batch.decoding, key=lambda s: s.slot)
-        budget = self.max_step_tokens - len(decoding)
+        budget = self.max_step_tokens - len(batch.decoding)
         chunks: list[Chunk] = []
         completed: list[_Prefill] = []
+        # Decode rows: (slot, token, who); a prompt whose prefix came cached, all but its last
+        # token, runs that token as a decode row (no prompt pass of its own).
+        rows_in: list[tuple[int, int, _Seq | _Prefill]] = [
+            (s.slot, s.out.token_ids[-1], s) for s in batch.decoding
+        ]
         for pre in batch.prefilling:
             if budget <= 0:
                 break
             prompt = pre.gen.prompt_ids
             take = min(budget, len(prompt) - pre.done)
-            chunks.append(Chunk(pre.seqs[0].slot, pre.done, prompt[pre.done : pre.done + take]))
+            if pre.done and pre.done == len(prompt) - 1:
+                rows_in.append((pre.seqs[0].slot, prompt[-1], pre))
+            else:
+                chunks.append(Chunk(pre.seqs[0].slot, pre.done, prompt[pre.done : pre.done + take]))
             pre.done += take
             budget -= take
             if pre.done == len(prompt):
                 completed.append(pre)
-        if not decoding and not chunks:
+        if not rows_in and not chunks:
             return
+        rows_in.sort(key=lambda r: r[0])
         start = time.perf_counter()
-        logits = batch.cache.forward(
-            [s.slot for s in decoding], [s.out.token_ids[-1] for s in decoding], chunks
-        )
+        logits = batch.cache.forward([r[0] for r in rows_in], [r[1] for r in rows_in], chunks)
         # Rows whose next token is chosen now: the decoding ones, then every sample of each
-        # prompt that finished prefilling (its last chunk's logits, shared by its n samples).
-        rows = list(range(len(decoding)))
-        seqs = list(decoding)
+        # prompt that finished prefilling (its last token's logits, shared by its n samples).
+        rows: list[int] = []
+        seqs: list[_Seq] = []
+        for i, (_, _, who) in enumerate(rows_in):
+            if isinstance(who, _Seq):
+                rows.append(i)
+                seqs.append(who)
+            else:
+                rows += [i] * len(who.seqs)
+                seqs += who.seqs
         finished = {p.seqs[0].slot: p for p in completed}
         for i, chunk in enumerate(chunks):
-            ready = finished.get(chunk.slot)
-            if ready is None:
-                continue
-            length = len(ready.gen.prompt_ids)
-            batch.cache.copy_prefix(ready.seqs[0].slot, [s.slot for s in ready.seqs[1:]], length)
-            rows += [len(decoding) + i] * len(ready.seqs)
-            seqs += ready.seqs
+            if chunk.slot in finished:
+                rows += [len(rows_in) + i] * len(finished[chunk.slot].seqs)
+                seqs += finished[chunk.slot].seqs
         for ready in completed:
+            length = len(ready.gen.prompt_ids)
+            if batch.prefix is not None:
+                batch.prefix.store(ready.seqs[0].slot, ready.gen.prompt_ids)
+            batch.cache.copy_prefix(ready.seqs[0].slot, [s.slot for s in ready.seqs[1:]], length)
             batch.prefilling.remove(ready)
         picked = logits if rows == list(range(logits.shape[0])) else logits[rows]
         tokens, logprobs = batch.sampler.select(picked, [s.slot for s in seqs])
+        decoding = len(rows_in)
         phase = "decode" if not chunks else "prefill" if not decoding else "mixed"
         self.metrics.forward.labels(phase).observe(time.perf_counter() - start)
-        self.metrics.step_tokens.observe(len(decoding) + sum(len(c.tokens) for c in chunks))
+        self.metrics.step_tokens.observe(decoding + sum(len(c.tokens) for c in chunks))
         if decoding:
-            self.metrics.batch_size.observe(len(decoding))
+            self.metrics.batch_size.observe(decoding)
         batch.decoding = self._advance(policy, batch, seqs, tokens, logprobs)
 
     def _advance(
@@ -435,22 +469,25 @@ class NativeEngine:
         now = time.perf_counter()
         going = []
         eos = policy.eos_token_ids
+        first_token = self.metrics.first_token
+        lengths, capacity = batch.cache.lengths, batch.cache.capacity
         for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True):
-            gen = seq.gen
-            self.metrics.first_token(gen, now)
-            delta, reason = seq.out.push(token, logprob, token in eos)
+            out = seq.out
+            gen = out.gen
+            first_token(gen, now)
+            delta, reason = out.push(token, logprob, token in eos)
             done = None
-            if reason is None and batch.cache.lengths[seq.slot] >= batch.cache.capacity:
+            if reason is None and lengths[seq.slot] >= capacity:
                 reason = FinishReason.LENGTH  # unreachable: submit checks the length
             if reason is not None:
-                done = seq.out.done(reason)
+                done = out.done(reason)
                 self.metrics.sample_done(gen, done, now)
                 batch.cache.release(seq.slot)
             else:
                 going.append(seq)
             if gen.stream or done is not None:
                 self._outbox.setdefault(gen, []).append(
-                    TokenEvent(seq.out.index, token, delta, logprob, done)
+                    TokenEvent(out.index, token, delta, logprob, done)
                 )
         self.metrics.generated.inc(len(seqs))
         if batch.retired and not going and not batch.prefilling:
