@@ -12,9 +12,9 @@ and the old process stops after its last request. On a GPU both processes hold m
 the swap: each takes ``--vllm.gpu-memory-utilization`` of it (weights + KV cache), so the
 default 0.45 leaves room for two.
 
-Requests go to ``/v1/completions`` as token ids (our tokenizer, so prompt lengths, limits and
-the token ids in Kafka records are ours), streamed, with ``return_token_ids`` and the sampled
-token's logprob. Texts are made here from the token ids by the same ``SampleText`` as the
+Requests go to ``/v1/completions`` over kept-alive connections, as token ids (our tokenizer,
+so prompt lengths, limits and the token ids in Kafka records are ours), streamed when the
+client streams, with ``return_token_ids`` and the sampled token's logprob. Texts are made here from the token ids by the same ``SampleText`` as the
 native engine's, so stop strings, the UTF-8 rule and token texts behave identically.
 Everything else stays ours: generation ids, Kafka records, versions and routing, auth,
 metrics. Field mapping (GenerationParameters -> vLLM):
@@ -169,6 +169,8 @@ class VLLMEngine:
         self._starting: set[VLLMPolicy] = set()
         self._stopping = False
         self._python: Path | None = None
+        # Pooled HTTP connections to the vLLM servers, one session per event loop that submits.
+        self._sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
 
     # ------------------------------------------------------------------ versions
 
@@ -389,10 +391,7 @@ class VLLMEngine:
         finished: set[int] = set()
         body = request_body(policy, gen)
         body["stream"] = gen.stream
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(f"{policy.url}/v1/completions", json=body) as reply,
-        ):
+        async with self._session().post(f"{policy.url}/v1/completions", json=body) as reply:
             if reply.status != 200:
                 text = await reply.text()
                 raise RuntimeError(f"vLLM answered {reply.status}: {text[:500]}")
@@ -411,6 +410,19 @@ class VLLMEngine:
                         break  # leaving the stream early aborts whatever vLLM still runs
         if len(finished) < gen.n:
             raise RuntimeError(f"vLLM ended the stream with {gen.n - len(finished)} samples open")
+
+    def _session(self) -> aiohttp.ClientSession:
+        """This event loop's session: its connections to the vLLM servers are kept open between
+        requests (a new connection per request costs both servers more than a short completion
+        does). They idle at most 3 s, under uvicorn's 5 s keep-alive, so a connection is never
+        reused just as vLLM closes it; a stream left early closes its connection, which is how
+        vLLM learns to abort the request."""
+        loop = asyncio.get_running_loop()
+        session = self._sessions.get(loop)
+        if session is None or session.closed:
+            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=3.0)
+            session = self._sessions[loop] = aiohttp.ClientSession(connector=connector)
+        return session
 
     def _take(
         self,
@@ -487,6 +499,27 @@ class VLLMEngine:
             self._policies.clear()
         for policy in policies:
             self._terminate(policy)
+        sessions, self._sessions = self._sessions, {}
+        for loop, session in sessions.items():
+            _close_session(loop, session)
+
+
+def _close_session(loop: asyncio.AbstractEventLoop, session: aiohttp.ClientSession) -> None:
+    """Closes ``session`` on its own loop: waited for from another thread, scheduled from the
+    loop's own; nothing to do once the loop has stopped (its connections go with it)."""
+    if loop.is_closed() or not loop.is_running():
+        return
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+        if running is loop:
+            loop.create_task(session.close())
+            return
+        future = asyncio.run_coroutine_threadsafe(session.close(), loop)
+        with contextlib.suppress(Exception):
+            future.result(timeout=5)
 
 
 def start_guarded(
