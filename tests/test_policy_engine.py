@@ -251,6 +251,30 @@ def test_sampler_truncation_and_penalty() -> None:
     assert sampler.select(logits[:1], [3])[0] == [2]
 
 
+def test_sampler_logprobs_are_log_softmax_of_the_raw_logits() -> None:
+    """Greedy, sampled and penalised rows alike: the chosen token's logprob under the
+    unprocessed distribution, as torch.logsumexp gives it."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 4096, generator=gen) * 4
+    sampler = Sampler(slots=6, vocab=4096, max_new_tokens=8, device=torch.device("cpu"))
+    for slot in range(6):
+        params = [
+            SamplingParams(),
+            SamplingParams(do_sample=True, temperature=0.7),
+            SamplingParams(do_sample=True, top_k=5, top_p=0.9),
+            SamplingParams(repetition_penalty=1.3),
+            SamplingParams(do_sample=True, repetition_penalty=1.3),
+            SamplingParams(),
+        ][slot]
+        context = logits[slot].topk(3).indices.tolist()  # the penalty lowers the top tokens
+        sampler.start(slot, params, seed=slot, context=context)
+    tokens, logprobs = sampler.select(logits, list(range(6)))
+    expected = logits.gather(1, torch.tensor(tokens)[:, None])[:, 0] - torch.logsumexp(logits, -1)
+    assert logprobs == pytest.approx(expected.tolist(), rel=1e-6, abs=1e-6)
+    assert [tokens[0], tokens[5]] == [int(logits[0].argmax()), int(logits[5].argmax())]
+    assert tokens[3] != int(logits[3].argmax())  # the penalised greedy row took another token
+
+
 def test_detokenizer_holds_back_split_characters(policies) -> None:
     v0, _ = policies
     text = "né 🙂"

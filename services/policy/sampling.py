@@ -101,8 +101,6 @@ class Sampler:
                 penalised = penalised or p.repetition_penalty != 1.0
                 top_k = top_k or p.top_k > 0
                 top_p = top_p or p.top_p < 1.0
-        # The chosen token's logprob under the unprocessed distribution: logit - logsumexp.
-        normaliser = torch.logsumexp(logits, dim=-1)
         scores = logits
         idx = None
         if sampled or self._seen is not None:
@@ -116,6 +114,11 @@ class Sampler:
             penalised_scores = torch.where(scores > 0, scores / penalty, scores * penalty)
             scores = torch.where(seen, penalised_scores, scores)
         tokens = _argmax(scores)
+        # The chosen token's logprob under the unprocessed distribution: logit - logsumexp,
+        # computed as torch.logsumexp does (the same value), less its pass for each row's
+        # maximum, which the greedy choice already is when no penalty changed the scores.
+        top = logits.amax(-1, keepdim=True) if penalised else logits.gather(1, tokens[:, None])
+        normaliser = (logits - top).exp_().sum(-1).log_().add_(top[:, 0])
         if sampled:
             assert idx is not None
             sub = scores / self.temperature.index_select(0, idx)[:, None]
