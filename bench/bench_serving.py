@@ -8,8 +8,10 @@ server makes of them, its chat template included) and the same settings, in one 
 
 Peers, for each model size and for greedy and sampled requests (temperature 0.8, top_p 0.95):
 
-* ``engine cN``: ``rlhf serve policy`` (native engine) over gRPC, N concurrent clients in a
-  closed loop (each sends its next request when the previous one returned), N = 1, 8, 32;
+* ``engine cN``: ``rlhf serve policy --engine.worker-process true`` (the native engine in a
+  process of its own) over gRPC, N concurrent clients in a closed loop (each sends its next
+  request when the previous one returned), N = 1, 8, 32;
+* ``in-process c32``: the same with the native engine in the server's process (the default);
 * ``http c32``: the same server process through its OpenAI door (``POST /v1/completions``,
   ``serving_http.py``), and the per-request cost of HTTP over gRPC (``http_vs_grpc``);
 * ``static bN``: ``model.generate`` in this process on left-padded batches of N prompts;
@@ -79,7 +81,12 @@ def prompts(count: int) -> list[str]:
 
 
 def start_server(
-    model_path: Path, port: int, args: argparse.Namespace, kind: str, http_port: int = -1
+    model_path: Path,
+    port: int,
+    args: argparse.Namespace,
+    kind: str,
+    http_port: int = -1,
+    worker_process: bool = False,
 ) -> subprocess.Popen:
     cmd = [
         sys.executable, "-m", "rlhf", "serve", "policy", "--engine.kind", kind,
@@ -90,6 +97,7 @@ def start_server(
         "--limits.max-input-tokens", "448",
         "--vllm.threads", str(args.threads),
         "--runtime.http-host", "127.0.0.1", "--runtime.http-port", str(http_port),
+        "--engine.worker-process", str(worker_process).lower(),
     ]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -189,10 +197,17 @@ def bench_size(size: str, args: argparse.Namespace, tmp: Path) -> dict:
     skipped = vllm_reason(model_path, args)
     try:
         native_http = free_port()
-        for kind in ["native"] + ([] if skipped else ["vllm"]):
+        # The native engine in its own process (the rows "engine"), and in the server's.
+        for kind in ["native", "in-process"] + ([] if skipped else ["vllm"]):
             port = free_port()
             http = native_http if kind == "native" else -1
-            servers[kind] = (port, start_server(model_path, port, args, kind, http))
+            servers[kind] = (
+                port,
+                start_server(
+                    model_path, port, args, "vllm" if kind == "vllm" else "native", http,
+                    worker_process=kind == "native",
+                ),
+            )  # fmt: skip
         if not skipped:
             from services.policy.config import VLLMConfig
             from services.policy.engines.vllm import VLLMEngine
@@ -212,6 +227,7 @@ def bench_size(size: str, args: argparse.Namespace, tmp: Path) -> dict:
         for c in levels:
             peers[f"engine c{c}"] = functools.partial(_grpc, native, texts, c)
         peers[f"http c{top}"] = functools.partial(http_run, native_http, texts, top)
+        peers[f"in-process c{top}"] = functools.partial(_grpc, servers["in-process"][0], texts, top)
         for b in levels:
             peers[f"static b{b}"] = functools.partial(_static, model, tok, ids, b)
         if not skipped:
@@ -270,6 +286,9 @@ def bench_size(size: str, args: argparse.Namespace, tmp: Path) -> dict:
                     / table[f"vllm c{top}"]["tokens_per_s"],
                     2,
                 )
+            ratios[f"in_process_c{top}_vs_engine_c{top}"] = round(
+                table[f"in-process c{top}"]["tokens_per_s"] / engine, 2
+            )
             ratios[f"http_c{top}_vs_engine_c{top}"] = round(
                 table[f"http c{top}"]["tokens_per_s"] / engine, 2
             )

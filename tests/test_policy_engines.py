@@ -24,8 +24,16 @@ from rlhf import checkpoint, models
 from rlhf.config import load_config
 from rlhf.v1 import inference_pb2, inference_pb2_grpc
 from services.policy.config import PolicyServerConfig, VLLMConfig
-from services.policy.engine import FinishReason, GenerationEngine, Policy, SampleDone
+from services.policy.engine import (
+    EngineStopped,
+    FinishReason,
+    GenerationEngine,
+    GenerationFailed,
+    Policy,
+    SampleDone,
+)
 from services.policy.engines.native import NativeEngine
+from services.policy.engines.worker import WorkerEngine
 from services.policy.sampling import SamplingParams
 from services.policy.server import PolicyServer
 
@@ -34,6 +42,7 @@ from services.policy.server import PolicyServer
 ENGINES = [
     pytest.param(("native", "tiny", "byte"), id="native"),
     pytest.param(("native", "tiny", "bpe"), id="native-bpe"),
+    pytest.param(("worker", "tiny", "bpe"), id="native-worker-process"),
     pytest.param(("vllm", "small", "byte"), id="vllm", marks=pytest.mark.vllm),
 ]
 VLLM_TEST_CONFIG = VLLMConfig(threads=1, cpu_kv_cache_gb=1)
@@ -42,8 +51,9 @@ VLLM_TEST_CONFIG = VLLMConfig(threads=1, cpu_kv_cache_gb=1)
 @pytest.fixture(scope="module", params=ENGINES)
 def setup(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[GenerationEngine, Policy, Path]]:
+) -> Iterator[tuple[GenerationEngine, Policy, Path, CollectorRegistry]]:
     kind, size, family = request.param
+    registry = CollectorRegistry()
     path = models.build_tiny(
         tmp_path_factory.mktemp(kind) / "policy", seed=0, size=size, tokenizer=family
     )
@@ -51,12 +61,14 @@ def setup(
     if kind == "vllm":
         from services.policy.engines.vllm import VLLMEngine
 
-        engine = VLLMEngine(CollectorRegistry(), VLLM_TEST_CONFIG, max_seq_len=512)
+        engine = VLLMEngine(registry, VLLM_TEST_CONFIG, max_seq_len=512)
+    elif kind == "worker":
+        engine = WorkerEngine(registry, max_batch_size=16, max_seq_len=512, torch_threads=1)
     else:
-        engine = NativeEngine(CollectorRegistry(), max_batch_size=16, max_seq_len=512)
+        engine = NativeEngine(registry, max_batch_size=16, max_seq_len=512)
     policy = engine.load(path, "v0")
     engine.warm_up(policy)
-    yield engine, policy, path
+    yield engine, policy, path, registry
     engine.stop()
     engine.unload(policy)
 
@@ -89,7 +101,7 @@ def stream(
 
 
 def test_n_samples_and_logprobs_match_teacher_forcing(setup) -> None:
-    engine, policy, path = setup
+    engine, policy, path, _ = setup
     model, _ = models.load_policy(path)
     prompt = "the quick brown fox"
     samples = generate(
@@ -112,7 +124,7 @@ def test_n_samples_and_logprobs_match_teacher_forcing(setup) -> None:
 
 
 def test_seed_reproduces_whatever_runs_beside_it(setup) -> None:
-    engine, policy, _ = setup
+    engine, policy, _, _ = setup
     params = SamplingParams(
         do_sample=True, temperature=0.9, top_p=0.95, seed=1234, max_new_tokens=12
     )
@@ -139,7 +151,7 @@ def test_seed_reproduces_whatever_runs_beside_it(setup) -> None:
 
 
 def test_stop_strings_and_streamed_text_equal_final_text(setup) -> None:
-    engine, policy, _ = setup
+    engine, policy, _, _ = setup
     params = SamplingParams(do_sample=True, seed=5, max_new_tokens=60)
     free = generate(engine, policy, "cut", params)[0]
     stop = free.text[5:7]
@@ -158,9 +170,15 @@ def test_stop_strings_and_streamed_text_equal_final_text(setup) -> None:
 
 
 def test_cancellation_stops_generation(setup) -> None:
-    engine, policy, _ = setup
-    cancelled = engine.metrics.aborted.labels("cancelled")
-    before = cancelled._value.get()
+    engine, policy, _, registry = setup
+
+    def cancelled() -> float:
+        return (
+            registry.get_sample_value("rlhf_policy_requests_aborted_total", {"reason": "cancelled"})
+            or 0
+        )
+
+    before = cancelled()
 
     async def cancel_after_first_token() -> None:
         gen = engine.submit(
@@ -172,7 +190,7 @@ def test_cancellation_stops_generation(setup) -> None:
 
     asyncio.run(cancel_after_first_token())
     assert engine.wait_idle(30)
-    assert cancelled._value.get() == before + 1
+    assert cancelled() == before + 1
     if engine.kind == "vllm":
         # vLLM aborted the request too: nothing left running in its process.
         url = policy.url  # type: ignore[attr-defined]
@@ -194,7 +212,12 @@ def test_cancellation_stops_generation(setup) -> None:
 
 
 @pytest.mark.parametrize(
-    "kind", [pytest.param("native"), pytest.param("vllm", marks=pytest.mark.vllm)]
+    "kind",
+    [
+        pytest.param("native"),
+        pytest.param("worker", id="native-worker-process"),
+        pytest.param("vllm", marks=pytest.mark.vllm),
+    ],
 )
 def test_hot_swap_under_16_streams_fails_nothing(kind: str, tmp_path: Path) -> None:
     """A registry-following server swaps v1 -> v2 while 16 clients stream without pause."""
@@ -205,7 +228,8 @@ def test_hot_swap_under_16_streams_fails_nothing(kind: str, tmp_path: Path) -> N
         registry, "policy", sources[0], round_type="sft", parent="", metrics={}, offsets={}
     )
     flags = {
-        "model.registry": str(registry), "engine.kind": kind, "engine.max_batch_size": "16",
+        "model.registry": str(registry), "engine.kind": "native" if kind == "worker" else kind,
+        "engine.worker_process": str(kind == "worker").lower(), "engine.max_batch_size": "16",
         "follow.poll_registry_s": "0.5", "follow.registry_grace_s": "0",
         "runtime.host": "127.0.0.1", "runtime.port": "0", "runtime.metrics_port": "-1",
         "runtime.http_port": "-1",
@@ -276,3 +300,39 @@ def test_hot_swap_under_16_streams_fails_nothing(kind: str, tmp_path: Path) -> N
         server.stop_in_thread()
     assert errors == []
     assert first.version in seen and second.version in seen
+
+
+def test_worker_process_that_dies_fails_its_requests(tmp_path: Path) -> None:
+    """The engine's worker process killed mid-generation: its running request fails with reason
+    "stopped" (no hang, no lost event), and the engine refuses new requests as stopped."""
+    path = models.build_tiny(tmp_path / "policy", seed=0)
+    engine = WorkerEngine(CollectorRegistry(), max_batch_size=4, max_seq_len=512)
+    try:
+        policy = engine.load(path, "v0")
+        engine.warm_up(policy)
+
+        async def main() -> tuple[int, str]:
+            gen = engine.submit(
+                policy, ids(policy, "long"), SamplingParams(max_new_tokens=400), stream=True
+            )
+            seen = 0
+            try:
+                async for _ in gen.events():
+                    seen += 1
+                    if seen == 3:
+                        engine.process.kill()
+            except GenerationFailed as exc:
+                return seen, exc.reason
+            return seen, "finished"
+
+        seen, reason = asyncio.run(main())
+        assert reason == "stopped" and 3 <= seen < 400
+        with pytest.raises(EngineStopped):
+            asyncio.run(_submit_one(engine, policy))
+        assert engine.stats().running == 0
+    finally:
+        engine.stop()
+
+
+async def _submit_one(engine: GenerationEngine, policy: Policy) -> None:
+    engine.submit(policy, ids(policy, "x"), SamplingParams(max_new_tokens=2))

@@ -55,6 +55,12 @@ class EngineConfig:
         "prompt tokens whose keys and values the native engine keeps per version for reuse by "
         "prompts that start the same way (0: off)",
     )
+    worker_process: bool = option(
+        False,
+        "native: run the engine (weights, KV memory, step loop) in a child process, so the "
+        "server's own work (gRPC, HTTP, templates, tokenisation) runs beside it instead of "
+        "taking turns with it under one interpreter lock",
+    )
     torch_threads: int = option(0, "torch CPU threads (0: torch's default)")
     switch_interval_ms: float = option(
         0.5, "Python's thread switch interval: how long the event loop may wait for the GIL"

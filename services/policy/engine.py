@@ -51,6 +51,9 @@ class GenerationFailed(Exception):
         super().__init__(message)
         self.reason = reason  # "deadline", "stopped" (engine or its process gone) or "internal"
 
+    def __reduce__(self) -> tuple:
+        return (GenerationFailed, (self.reason, str(self)))
+
 
 class FinishReason(enum.StrEnum):
     LENGTH = "length"
@@ -115,7 +118,7 @@ class Generation:
         params: SamplingParams,
         n: int,
         deadline: float | None,
-        loop: asyncio.AbstractEventLoop,
+        loop: asyncio.AbstractEventLoop | None,  # None: no loop here (worker.py)
         *,
         stream: bool = False,
         token_texts: bool = False,
@@ -177,7 +180,8 @@ def deliver_all(events: Mapping[Generation, list[TokenEvent | GenerationFailed]]
     many requests it serves (each wake-up of another thread's loop costs a GIL hand-over)."""
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Generation, list]]] = {}
     for gen, items in events.items():
-        by_loop.setdefault(gen._loop, []).append((gen, items))
+        if gen._loop is not None:
+            by_loop.setdefault(gen._loop, []).append((gen, items))
     for loop, batch in by_loop.items():
         # A closed loop means the server is gone and nobody is listening any more.
         with contextlib.suppress(RuntimeError):
@@ -338,7 +342,6 @@ class GenerationEngine(Protocol):
     """What the policy server and its model pool use; see the module docstring."""
 
     kind: str
-    metrics: EngineMetrics
 
     def load(self, path: Path, version: str) -> Any:
         """Loads the version in ``path`` (checksums are the pool's job); returns a Policy."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry
 
 from services.policy.config import PolicyServerConfig
@@ -22,15 +24,16 @@ def make_engine(config: PolicyServerConfig, registry: CollectorRegistry) -> Gene
             max_seq_len=config.seq_len,
             dtype=config.model.dtype,
         )
+    settings: dict[str, Any] = {
+        "max_batch_size": engine.max_batch_size, "max_queue": engine.max_queue,
+        "max_step_tokens": engine.max_step_tokens, "max_seq_len": config.seq_len,
+        "device": config.model.device, "dtype": config.model.dtype,
+        "prefix_cache_tokens": engine.prefix_cache_tokens,
+    }  # fmt: skip
+    if engine.worker_process:
+        from services.policy.engines.worker import WorkerEngine
+
+        return WorkerEngine(registry, torch_threads=engine.torch_threads, **settings)
     from services.policy.engines.native import NativeEngine
 
-    return NativeEngine(
-        registry,
-        max_batch_size=engine.max_batch_size,
-        max_queue=engine.max_queue,
-        max_step_tokens=engine.max_step_tokens,
-        max_seq_len=config.seq_len,
-        device=config.model.device,
-        dtype=config.model.dtype,
-        prefix_cache_tokens=engine.prefix_cache_tokens,
-    )
+    return NativeEngine(registry, **settings)

@@ -24,7 +24,7 @@ import secrets
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +40,7 @@ from services.policy.engine import (
     FinishReason,
     Generation,
     GenerationFailed,
+    Policy,
     QueueFull,
     SampleText,
     TokenEvent,
@@ -136,6 +137,9 @@ class NativeEngine:
         device: str = "auto",
         dtype: str = "auto",
         prefix_cache_tokens: int = 0,
+        deliver: Callable[[dict[Generation, list[TokenEvent | GenerationFailed]]], None] = (
+            deliver_all
+        ),
     ) -> None:
         if max_step_tokens <= max_batch_size:
             raise ValueError("max_step_tokens must exceed max_batch_size (room for prefill)")
@@ -150,6 +154,7 @@ class NativeEngine:
         self._waiting: collections.deque[Generation] = collections.deque()
         self._batches: weakref.WeakKeyDictionary[LoadedPolicy, _Batch] = weakref.WeakKeyDictionary()
         self._outbox: dict[Generation, list[TokenEvent | GenerationFailed]] = {}
+        self._deliver = deliver  # each step's events, to the requests' event loops
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="policy-engine", daemon=True)
         self._thread.start()
@@ -224,20 +229,16 @@ class NativeEngine:
         stream: bool = False,
         token_texts: bool = False,
     ) -> Generation:
-        if not 1 <= n <= self.max_batch_size:
-            raise ValueError(f"n must be in 1..{self.max_batch_size}, got {n}")
-        if not prompt_ids:
-            raise ValueError("the prompt has no tokens")
-        limit = min(self.max_seq_len, policy.max_context or self.max_seq_len)
-        if len(prompt_ids) + params.max_new_tokens > limit:
-            raise ValueError(
-                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) "
-                f"exceeds the engine's {limit} tokens per sequence"
-            )
+        check_request(self.max_batch_size, self.max_seq_len, policy, prompt_ids, params, n)
         gen = Generation(
             policy, prompt_ids, params, n, deadline, asyncio.get_running_loop(),
             stream=stream, token_texts=token_texts,
         )  # fmt: skip
+        self.enqueue(gen)
+        return gen
+
+    def enqueue(self, gen: Generation) -> None:
+        """Queues a checked request (``submit`` without making the Generation)."""
         with self._cond:
             if self._stopping:
                 raise EngineStopped("the engine is shutting down")
@@ -247,7 +248,6 @@ class NativeEngine:
             self.metrics.queue_size.set(len(self._waiting))
             self._cond.notify_all()
         self.metrics.prompt_tokens.observe(len(gen.prompt_ids))
-        return gen
 
     def stats(self) -> EngineStats:
         with self._cond:
@@ -506,7 +506,28 @@ class NativeEngine:
         """One hand-over per request per step keeps the event loop's wake-ups few."""
         outbox, self._outbox = self._outbox, {}
         if outbox:
-            deliver_all(outbox)
+            self._deliver(outbox)
+
+
+def check_request(
+    max_batch_size: int,
+    max_seq_len: int,
+    policy: Policy,
+    prompt_ids: Sequence[int],
+    params: SamplingParams,
+    n: int,
+) -> None:
+    """Raises ValueError for a request the engine cannot run."""
+    if not 1 <= n <= max_batch_size:
+        raise ValueError(f"n must be in 1..{max_batch_size}, got {n}")
+    if not prompt_ids:
+        raise ValueError("the prompt has no tokens")
+    limit = min(max_seq_len, policy.max_context or max_seq_len)
+    if len(prompt_ids) + params.max_new_tokens > limit:
+        raise ValueError(
+            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) "
+            f"exceeds the engine's {limit} tokens per sequence"
+        )
 
 
 def placement(device: str, dtype: str) -> tuple[torch.device, torch.dtype | None]:
