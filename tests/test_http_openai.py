@@ -238,8 +238,11 @@ def test_a_client_that_disconnects_cancels_its_generation(
 ) -> None:
     engine = server.engine
     assert engine is not None
-    cancelled = engine.metrics.aborted.labels("cancelled")
-    before = cancelled._value.get()
+
+    def metric(name: str, **labels: str) -> float:
+        return server.registry.get_sample_value(f"rlhf_policy_{name}", labels) or 0.0
+
+    before = metric("requests_aborted_total", reason="cancelled")
 
     async def leave_early() -> None:
         body = {"model": "policy", "prompt": "long", "max_tokens": 1500, "stream": True}
@@ -254,8 +257,8 @@ def test_a_client_that_disconnects_cancels_its_generation(
 
     asyncio.run(leave_early())
     assert engine.wait_idle(10)
-    assert cancelled._value.get() == before + 1
-    assert engine.metrics.generated._value.get() < 10_000
+    assert metric("requests_aborted_total", reason="cancelled") == before + 1
+    assert metric("generated_tokens_total") < 10_000
 
 
 def test_http_calls_are_counted_by_protocol(server: PolicyServer, client: openai.OpenAI) -> None:

@@ -234,9 +234,13 @@ def test_cancellation_and_deadline_stop_generation(server: PolicyServer, stub) -
         stub.Generate(long, metadata=INFER, timeout=0.3)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert engine.wait_idle(10)
-    aborted = engine.metrics.aborted
-    assert aborted.labels("cancelled")._value.get() + aborted.labels("deadline")._value.get() == 2
-    assert engine.metrics.generated._value.get() < 3000
+
+    def metric(name: str, **labels: str) -> float:
+        return server.registry.get_sample_value(f"rlhf_policy_{name}", labels) or 0.0
+
+    aborted = sum(metric("requests_aborted_total", reason=r) for r in ("cancelled", "deadline"))
+    assert aborted == 2
+    assert metric("generated_tokens_total") < 3000
 
 
 def test_health_reflection_and_metrics(server: PolicyServer, stub) -> None:

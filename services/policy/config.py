@@ -56,10 +56,10 @@ class EngineConfig:
         "prompts that start the same way (0: off)",
     )
     worker_process: bool = option(
-        False,
+        True,
         "native: run the engine (weights, KV memory, step loop) in a child process, so the "
         "server's own work (gRPC, HTTP, templates, tokenisation) runs beside it instead of "
-        "taking turns with it under one interpreter lock",
+        "taking turns with it under one interpreter lock (false: in the server's process)",
     )
     torch_threads: int = option(0, "torch CPU threads (0: torch's default)")
     switch_interval_ms: float = option(

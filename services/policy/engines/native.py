@@ -140,6 +140,7 @@ class NativeEngine:
         deliver: Callable[[dict[Generation, list[TokenEvent | GenerationFailed]]], None] = (
             deliver_all
         ),
+        on_admit: Callable[[list[Generation]], None] | None = None,
     ) -> None:
         if max_step_tokens <= max_batch_size:
             raise ValueError("max_step_tokens must exceed max_batch_size (room for prefill)")
@@ -155,6 +156,7 @@ class NativeEngine:
         self._batches: weakref.WeakKeyDictionary[LoadedPolicy, _Batch] = weakref.WeakKeyDictionary()
         self._outbox: dict[Generation, list[TokenEvent | GenerationFailed]] = {}
         self._deliver = deliver  # each step's events, to the requests' event loops
+        self._on_admit = on_admit  # requests that left the queue for a slot (worker.py)
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="policy-engine", daemon=True)
         self._thread.start()
@@ -305,6 +307,8 @@ class NativeEngine:
                     if self._stopping:
                         return
                     admitted = self._admit()
+                if admitted and self._on_admit is not None:
+                    self._on_admit(admitted)
                 try:
                     self._drop_abandoned()
                     with self._cond:

@@ -12,16 +12,14 @@ The two talk over a socket pair with ``multiprocessing.connection`` messages:
 * down: ``submit`` (the checked request; the child makes its own ``Generation``), ``cancel``,
   and calls answered by a reply (``load``, ``warm_up``, ``unload``, ``stats``, ``wait_idle``,
   ``metrics``, ``stop``);
-* up: each step's token events in one message (the engine's ``deliver`` hook), the replies,
-  and nothing else.
+* up: each step's token events in one message (the engine's ``deliver`` hook), the requests
+  the step admitted to a slot (``on_admit``: the server side counts those still waiting, for
+  ``max_queue``), and the replies.
 
 The server process loads the version's tokenizer itself (templates and tokenisation stay on
 its side); the child loads the weights. The engine's metrics live in the child; the server's
 registry reads them from it on every scrape. A child that dies fails its requests with reason
 "stopped"; a child whose server dies exits (its end of the pipe closes).
-
-The queue limit is the server side's count of requests not yet finished:
-``max_queue + max_batch_size`` (the in-process engine counts only those waiting for a slot).
 """
 
 from __future__ import annotations
@@ -129,6 +127,8 @@ class WorkerEngine:
         self._ids = itertools.count(1)
         # Requests not finished: id -> [generation, samples still going].
         self._gens: dict[int, list[Any]] = {}
+        self._waiting: set[int] = set()  # submitted, not yet given a slot by the worker
+        self._queue_changed = threading.Condition(self._lock)
         self._replies: dict[int, _Reply] = {}
         self._stopping = False
         self._gone = False
@@ -139,7 +139,6 @@ class WorkerEngine:
     # ------------------------------------------------------------------ versions
 
     def load(self, path: Path, version: str) -> WorkerPolicy:
-        path = Path(path).resolve()
         tokenizer = load_tokenizer(path)
         eos = set()
         with contextlib.suppress(OSError, ValueError):
@@ -179,10 +178,12 @@ class WorkerEngine:
         with self._lock:
             if self._stopping or self._gone:
                 raise EngineStopped("the engine is shutting down")
-            if len(self._gens) >= self.max_queue + self.max_batch_size:
-                raise QueueFull(f"{len(self._gens)} requests are already queued or running")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting (max_queue)")
             rid = next(self._ids)
             self._gens[rid] = [gen, n]
+            self._waiting.add(rid)
+            self._queue_changed.notify_all()
         gen.on_cancel = lambda: self._cancel(rid)
         self._send(
             "submit", rid, policy.version, gen.prompt_ids, params, n, deadline, stream,
@@ -193,6 +194,7 @@ class WorkerEngine:
     def _cancel(self, rid: int) -> None:
         with self._lock:
             self._gens.pop(rid, None)  # nobody listens any more
+            self._waiting.discard(rid)
         with contextlib.suppress(OSError):
             self._send("cancel", rid)
 
@@ -204,6 +206,11 @@ class WorkerEngine:
 
     def running_sequences(self) -> int:
         return self.stats().running
+
+    def wait_queued(self, count: int, timeout_s: float) -> bool:
+        """Blocks until at least ``count`` requests wait for a batch slot (True) or the timeout."""
+        with self._queue_changed:
+            return self._queue_changed.wait_for(lambda: len(self._waiting) >= count, timeout_s)
 
     def wait_idle(self, timeout_s: float) -> bool:
         return self._gone or bool(self._call("wait_idle", timeout_s, timeout=timeout_s + 30))
@@ -254,6 +261,9 @@ class WorkerEngine:
                 break
             if message[0] == "events":
                 self._dispatch(message[1])
+            elif message[0] == "admitted":
+                with self._lock:
+                    self._waiting.difference_update(message[1])
             else:  # ("reply", call id, ok, value)
                 with self._lock:
                     reply = self._replies.get(message[1])
@@ -281,12 +291,14 @@ class WorkerEngine:
                 entry[1] = samples_left(entry[1], items)
                 if entry[1] <= 0:
                     del self._gens[rid]
+                    self._waiting.discard(rid)  # a deadline or a failure while queued
         deliver_all(events)
 
     def _fail_all(self, message: str) -> None:
         with self._lock:
             gens = [entry[0] for entry in self._gens.values()]
             self._gens.clear()
+            self._waiting.clear()
         deliver_all({gen: [GenerationFailed("stopped", message)] for gen in gens})
 
 
@@ -320,7 +332,9 @@ class _Worker:
 
         self.conn = conn
         self.registry = CollectorRegistry()
-        self.engine = NativeEngine(self.registry, deliver=self._deliver, **settings)
+        self.engine = NativeEngine(
+            self.registry, deliver=self._deliver, on_admit=self._admitted, **settings
+        )
         self.policies: dict[str, Any] = {}  # version -> LoadedPolicy
         self.gens: dict[int, Generation] = {}
         self.send_lock = threading.Lock()
@@ -340,6 +354,9 @@ class _Worker:
                 if gen.worker_left <= 0:  # type: ignore[attr-defined]
                     self.gens.pop(rid, None)
         self.send(("events", batch))
+
+    def _admitted(self, gens: list[Generation]) -> None:
+        self.send(("admitted", [gen.worker_id for gen in gens]))  # type: ignore[attr-defined]
 
     def serve(self) -> None:
         while True:
