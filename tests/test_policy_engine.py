@@ -273,6 +273,14 @@ def test_sampler_logprobs_are_log_softmax_of_the_raw_logits() -> None:
     assert logprobs == pytest.approx(expected.tolist(), rel=1e-6, abs=1e-6)
     assert [tokens[0], tokens[5]] == [int(logits[0].argmax()), int(logits[5].argmax())]
     assert tokens[3] != int(logits[3].argmax())  # the penalised greedy row took another token
+    # A step of greedy rows only (its own shorter path).
+    greedy = Sampler(slots=6, vocab=4096, max_new_tokens=8, device=torch.device("cpu"))
+    for slot in range(6):
+        greedy.start(slot, SamplingParams(), seed=slot, context=[])
+    tokens, logprobs = greedy.select(logits, list(range(6)))
+    assert tokens == logits.argmax(-1).tolist()
+    expected = logits.amax(-1) - torch.logsumexp(logits, -1)
+    assert logprobs == pytest.approx(expected.tolist(), rel=1e-6, abs=1e-6)
 
 
 def test_detokenizer_holds_back_split_characters(policies) -> None:

@@ -69,12 +69,19 @@ class Sampler:
 
     def start(self, slot: int, params: SamplingParams, seed: int, context: Sequence[int]) -> None:
         """Sets ``slot`` up for a new sample of ``params``; ``context`` is its prompt."""
+        before = self._params[slot]
         self._params[slot] = params
-        self.do_sample[slot] = params.do_sample
-        self.temperature[slot] = params.temperature
-        self.top_p[slot] = params.top_p
-        self.top_k[slot] = params.top_k
-        self.penalty[slot] = params.repetition_penalty
+        # Each write to a tensor element costs a few microseconds: only the values that change.
+        if before is None or before.do_sample != params.do_sample:
+            self.do_sample[slot] = params.do_sample
+        if before is None or before.temperature != params.temperature:
+            self.temperature[slot] = params.temperature
+        if before is None or before.top_p != params.top_p:
+            self.top_p[slot] = params.top_p
+        if before is None or before.top_k != params.top_k:
+            self.top_k[slot] = params.top_k
+        if before is None or before.repetition_penalty != params.repetition_penalty:
+            self.penalty[slot] = params.repetition_penalty
         self.steps[slot] = 0
         if params.do_sample:
             count = min(params.max_new_tokens, self.uniform.shape[1])
@@ -114,6 +121,16 @@ class Sampler:
             penalised_scores = torch.where(scores > 0, scores / penalty, scores * penalty)
             scores = torch.where(seen, penalised_scores, scores)
         tokens = _argmax(scores)
+        if not sampled and not penalised:
+            # Every row took its maximum: its logprob is -log(sum(exp(logits - maximum))).
+            top = logits.gather(1, tokens[:, None])
+            logprobs = (logits - top).exp_().sum(-1).log_().neg_()
+            for s in slots:
+                self.steps[s] += 1
+            if self._seen is not None:
+                assert idx is not None
+                self._seen[idx, tokens.clamp(max=self.vocab - 1)] = True
+            return tokens.tolist(), logprobs.tolist()
         # The chosen token's logprob under the unprocessed distribution: logit - logsumexp,
         # computed as torch.logsumexp does (the same value), less its pass for each row's
         # maximum, which the greedy choice already is when no penalty changed the scores.
