@@ -10,7 +10,9 @@ auth, request validation.
 Two engines implement it, chosen with ``--engine.kind``:
 
 * ``native`` (``engines/native.py``): transformers models on any device, continuous batching
-  over preallocated per-slot KV memory, in this process. The default, and what tests run.
+  over preallocated per-slot KV memory. The default, and what tests run; it runs in a worker
+  process of the server (``engines/worker.py``), or in the server's (``--engine.worker-process
+  false``).
 * ``vllm`` (``engines/vllm.py``): each version is a vLLM OpenAI-compatible server process in
   its own environment, driven over HTTP. The production engine on GPUs.
 

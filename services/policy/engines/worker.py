@@ -30,6 +30,7 @@ import itertools
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -452,6 +453,10 @@ class _Worker:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     fd, settings = int(args[0]), json.loads(args[1])
+    # The server decides when this process ends (its stop, or its end of the pipe closing): a
+    # Ctrl-C or a SIGTERM sent to the whole process group must not cut its requests short.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s engine-worker %(name)s: %(message)s"
     )
