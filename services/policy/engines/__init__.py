@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry
+from transformers import AutoConfig, GenerationConfig, PreTrainedTokenizerBase
 
+from rlhf.tokenizer import load_tokenizer
 from services.policy.config import PolicyServerConfig
 from services.policy.engine import GenerationEngine
 
@@ -37,3 +41,19 @@ def make_engine(config: PolicyServerConfig, registry: CollectorRegistry) -> Gene
     from services.policy.engines.native import NativeEngine
 
     return NativeEngine(registry, **settings)
+
+
+def version_metadata(
+    path: str | Path,
+) -> tuple[PreTrainedTokenizerBase, frozenset[int], int | None]:
+    """What the server process needs of a version whose weights live in another process: its
+    tokenizer, its end-of-sequence ids and its context length (None: not stated)."""
+    tokenizer = load_tokenizer(path)
+    eos = set()
+    with contextlib.suppress(OSError, ValueError):
+        ids = GenerationConfig.from_pretrained(str(path)).eos_token_id
+        eos |= set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    positions = getattr(AutoConfig.from_pretrained(str(path)), "max_position_embeddings", None)
+    return tokenizer, frozenset(eos), positions

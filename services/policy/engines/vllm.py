@@ -59,10 +59,9 @@ from typing import Any, BinaryIO
 
 import aiohttp
 from prometheus_client import CollectorRegistry
-from transformers import AutoConfig, GenerationConfig, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from rlhf.kafka_local import free_port
-from rlhf.models import load_tokenizer
 from services.policy.config import VLLMConfig
 from services.policy.engine import (
     EngineMetrics,
@@ -75,6 +74,7 @@ from services.policy.engine import (
     SampleText,
     TokenEvent,
 )
+from services.policy.engines import version_metadata
 from services.policy.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -220,18 +220,11 @@ class VLLMEngine:
         path = Path(path).resolve()
         port = free_port()
         cmd = self.command(path, version, port)
-        tokenizer = load_tokenizer(path)
-        eos = set()
-        with contextlib.suppress(OSError, ValueError):
-            ids = GenerationConfig.from_pretrained(str(path)).eos_token_id
-            eos |= set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-        if tokenizer.eos_token_id is not None:
-            eos.add(tokenizer.eos_token_id)
-        positions = getattr(AutoConfig.from_pretrained(str(path)), "max_position_embeddings", None)
+        tokenizer, eos, positions = version_metadata(path)
         log_path = Path(tempfile.mkstemp(prefix=f"vllm-{version}-", suffix=".log")[1])
         process, held = start_guarded(cmd, log_path, self._environment())
         policy = VLLMPolicy(
-            version, tokenizer, frozenset(eos), min(positions or self.max_seq_len, self.max_seq_len),
+            version, tokenizer, eos, min(positions or self.max_seq_len, self.max_seq_len),
             f"http://127.0.0.1:{port}", process, log_path, held,
         )  # fmt: skip
         log.info("starting vLLM for %s on port %d (log: %s)", version, port, log_path)

@@ -44,9 +44,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
-from transformers import AutoConfig, GenerationConfig, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from rlhf.tokenizer import load_tokenizer
 from services.policy.engine import (
     EngineStats,
     EngineStopped,
@@ -56,6 +55,7 @@ from services.policy.engine import (
     TokenEvent,
     deliver_all,
 )
+from services.policy.engines import version_metadata
 from services.policy.engines.native import check_request
 from services.policy.sampling import SamplingParams
 
@@ -140,16 +140,9 @@ class WorkerEngine:
     # ------------------------------------------------------------------ versions
 
     def load(self, path: Path, version: str) -> WorkerPolicy:
-        tokenizer = load_tokenizer(path)
-        eos = set()
-        with contextlib.suppress(OSError, ValueError):
-            ids = GenerationConfig.from_pretrained(str(path)).eos_token_id
-            eos |= set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-        if tokenizer.eos_token_id is not None:
-            eos.add(tokenizer.eos_token_id)
-        positions = getattr(AutoConfig.from_pretrained(str(path)), "max_position_embeddings", None)
+        tokenizer, eos, positions = version_metadata(path)
         self._call("load", str(path), version)
-        return WorkerPolicy(version, tokenizer, frozenset(eos), positions)
+        return WorkerPolicy(version, tokenizer, eos, positions)
 
     def warm_up(self, policy: WorkerPolicy) -> None:
         self._call("warm_up", policy.version)
@@ -186,10 +179,16 @@ class WorkerEngine:
             self._waiting.add(rid)
             self._queue_changed.notify_all()
         gen.on_cancel = lambda: self._cancel(rid)
-        self._send(
-            "submit", rid, policy.version, gen.prompt_ids, params, n, deadline, stream,
-            token_texts, gen.submitted_at,
-        )  # fmt: skip
+        try:
+            self._send(
+                "submit", rid, policy.version, gen.prompt_ids, params, n, deadline, stream,
+                token_texts, gen.submitted_at,
+            )  # fmt: skip
+        except OSError as exc:  # the worker is gone; the reader is about to notice
+            with self._lock:
+                self._gens.pop(rid, None)
+                self._waiting.discard(rid)
+            raise EngineStopped("the engine's worker process has exited") from exc
         return gen
 
     def _cancel(self, rid: int) -> None:
@@ -228,6 +227,7 @@ class WorkerEngine:
             self.process.kill()
             self.process.wait()
         self._reader.join(10)
+        self._conn.close()
         self._fail_all("the server is shutting down")
 
     # ------------------------------------------------------------------ the pipe
