@@ -337,7 +337,9 @@ class _Worker:
             self.registry, deliver=self._deliver, on_admit=self._admitted, **settings
         )
         self.policies: dict[str, Any] = {}  # version -> LoadedPolicy
-        self.gens: dict[int, Generation] = {}
+        # Requests not finished: generation -> [request id, samples still going], and back.
+        self.requests: dict[Generation, list[int]] = {}
+        self.by_id: dict[int, Generation] = {}
         self.send_lock = threading.Lock()
         self.lock = threading.Lock()
 
@@ -349,15 +351,20 @@ class _Worker:
         batch = []
         with self.lock:
             for gen, items in outbox.items():
-                rid = gen.worker_id  # type: ignore[attr-defined]
-                batch.append((rid, items))
-                gen.worker_left = samples_left(gen.worker_left, items)  # type: ignore[attr-defined]
-                if gen.worker_left <= 0:  # type: ignore[attr-defined]
-                    self.gens.pop(rid, None)
-        self.send(("events", batch))
+                entry = self.requests.get(gen)
+                if entry is None:
+                    continue  # cancelled: the server no longer listens
+                batch.append((entry[0], items))
+                entry[1] = samples_left(entry[1], items)
+                if entry[1] <= 0:
+                    del self.requests[gen], self.by_id[entry[0]]
+        if batch:
+            self.send(("events", batch))
 
     def _admitted(self, gens: list[Generation]) -> None:
-        self.send(("admitted", [gen.worker_id for gen in gens]))  # type: ignore[attr-defined]
+        with self.lock:
+            ids = [self.requests[gen][0] for gen in gens if gen in self.requests]
+        self.send(("admitted", ids))
 
     def serve(self) -> None:
         while True:
@@ -370,9 +377,12 @@ class _Worker:
                 self._submit(*message[1:])
             elif kind == "cancel":
                 with self.lock:
-                    gen = self.gens.pop(message[1], None)
+                    gen = self.by_id.pop(message[1], None)
+                    if gen is not None:
+                        del self.requests[gen]
                 if gen is not None:
                     gen.cancel()
+            # ("call", call id, op, args)
             elif message[2] == "stop":
                 self._call(*message[1:])
                 break
@@ -404,15 +414,14 @@ class _Worker:
             policy, prompt_ids, params, n, deadline, None, stream=stream, token_texts=token_texts
         )
         gen.submitted_at = submitted_at  # the same monotonic clock in both processes
-        gen.worker_id = rid  # type: ignore[attr-defined]
-        gen.worker_left = n  # type: ignore[attr-defined]
         with self.lock:
-            self.gens[rid] = gen
+            self.requests[gen] = [rid, n]
+            self.by_id[rid] = gen
         try:
             self.engine.enqueue(gen)
         except (QueueFull, EngineStopped) as exc:
             with self.lock:
-                self.gens.pop(rid, None)
+                del self.requests[gen], self.by_id[rid]
             reason = "stopped" if isinstance(exc, EngineStopped) else "internal"
             self.send(("events", [(rid, [GenerationFailed(reason, str(exc))])]))
 
