@@ -231,10 +231,9 @@ class NativeEngine:
         stream: bool = False,
         token_texts: bool = False,
     ) -> Generation:
-        check_request(self.max_batch_size, self.max_seq_len, policy, prompt_ids, params, n)
-        gen = Generation(
-            policy, prompt_ids, params, n, deadline, asyncio.get_running_loop(),
-            stream=stream, token_texts=token_texts,
+        gen = new_generation(
+            self.max_batch_size, self.max_seq_len, policy, prompt_ids, params, n, deadline,
+            stream, token_texts,
         )  # fmt: skip
         self.enqueue(gen)
         return gen
@@ -513,15 +512,18 @@ class NativeEngine:
             self._deliver(outbox)
 
 
-def check_request(
+def new_generation(
     max_batch_size: int,
     max_seq_len: int,
     policy: Policy,
     prompt_ids: Sequence[int],
     params: SamplingParams,
     n: int,
-) -> None:
-    """Raises ValueError for a request the engine cannot run."""
+    deadline: float | None,
+    stream: bool,
+    token_texts: bool,
+) -> Generation:
+    """A request of the calling event loop, once checked; ValueError if no engine can run it."""
     if not 1 <= n <= max_batch_size:
         raise ValueError(f"n must be in 1..{max_batch_size}, got {n}")
     if not prompt_ids:
@@ -532,6 +534,10 @@ def check_request(
             f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) "
             f"exceeds the engine's {limit} tokens per sequence"
         )
+    return Generation(
+        policy, prompt_ids, params, n, deadline, asyncio.get_running_loop(),
+        stream=stream, token_texts=token_texts,
+    )  # fmt: skip
 
 
 def placement(device: str, dtype: str) -> tuple[torch.device, torch.dtype | None]:

@@ -24,7 +24,6 @@ registry reads them from it on every scrape. A child that dies fails its request
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import itertools
 import json
@@ -56,7 +55,7 @@ from services.policy.engine import (
     deliver_all,
 )
 from services.policy.engines import version_metadata
-from services.policy.engines.native import check_request
+from services.policy.engines.native import new_generation
 from services.policy.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -164,10 +163,9 @@ class WorkerEngine:
         stream: bool = False,
         token_texts: bool = False,
     ) -> Generation:
-        check_request(self.max_batch_size, self.max_seq_len, policy, prompt_ids, params, n)
-        gen = Generation(
-            policy, prompt_ids, params, n, deadline, asyncio.get_running_loop(),
-            stream=stream, token_texts=token_texts,
+        gen = new_generation(
+            self.max_batch_size, self.max_seq_len, policy, prompt_ids, params, n, deadline,
+            stream, token_texts,
         )  # fmt: skip
         with self._lock:
             if self._stopping or self._gone:
