@@ -8,10 +8,11 @@ server makes of them, its chat template included) and the same settings, in one 
 
 Peers, for each model size and for greedy and sampled requests (temperature 0.8, top_p 0.95):
 
-* ``engine cN``: ``rlhf serve policy --engine.worker-process true`` (the native engine in a
-  process of its own) over gRPC, N concurrent clients in a closed loop (each sends its next
+* ``engine cN``: ``rlhf serve policy`` (the native engine in a process of its own, the
+  default) over gRPC, N concurrent clients in a closed loop (each sends its next
   request when the previous one returned), N = 1, 8, 32;
-* ``in-process c32``: the same with the native engine in the server's process (the default);
+* ``in-process c32``: the same with the native engine in the server's process
+  (``--engine.worker-process false``);
 * ``http c32``: the same server process through its OpenAI door (``POST /v1/completions``,
   ``serving_http.py``), and the per-request cost of HTTP over gRPC (``http_vs_grpc``);
 * ``static bN``: ``model.generate`` in this process on left-padded batches of N prompts;
@@ -22,18 +23,26 @@ Peers, for each model size and for greedy and sampled requests (temperature 0.8,
   needs head_dim >= 32, so sizes with smaller heads skip it (the reason is printed).
 
 Every process runs one torch/OpenMP thread (``--threads``): on a small shared machine, threads
-waiting on a descheduled sibling make runs incomparable. Throughput and latency come from unary
-requests; time to first token (TTFT) from a second, streamed run of the same requests (the
-static baseline's TTFT is its batch generating one token). Each figure is the median of
-``--rounds`` rounds, the peers interleaved within each round. The table prints tokens/s, p50
-and p99 request latency and TTFT, and the ratios the goal is stated in (engine c32 against
-static b32 and against vLLM's server). On CUDA it also reports the memory-bandwidth bound of
-single-stream decoding. The last line printed is one JSON object: {"bench": "serving", ...}.
+waiting on a descheduled sibling make runs incomparable. ``--engine-cpus`` (off by default)
+gives each peer's model the same dedicated CPUs: the engine's worker process and vLLM's OpenMP
+threads through ``--engine.cpus``, and this process while it runs ``model.generate`` itself;
+the load generators, the servers' own threads and vLLM's API process then run on the other
+CPUs (the engine in the server's process stays unpinned: it shares its process with the
+server's threads). Throughput and latency come from unary requests; time to first token (TTFT)
+from a second, streamed run of the same requests (the static baseline's TTFT is its batch
+generating one token). Each figure is the median of ``--rounds`` rounds, the peers interleaved
+within each round; each ratio is the median over rounds of the two peers' ratio within one
+round (the machine's speed drifts more over minutes than over seconds). The table prints
+tokens/s, p50 and p99 request latency and TTFT, and the ratios the goal is stated in (engine
+c32 against static b32 and against vLLM's server). On CUDA it also reports the
+memory-bandwidth bound of single-stream decoding. The last line printed is one JSON object:
+{"bench": "serving", ...}.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -43,7 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -68,6 +77,8 @@ from serving_peers import (  # noqa: E402
 from rlhf import encoding  # noqa: E402
 from rlhf.kafka_local import free_port  # noqa: E402
 from rlhf.models import build_tiny, load_policy  # noqa: E402
+from services.policy.config import parse_cpus  # noqa: E402
+from services.policy.engines import cpu_list  # noqa: E402
 
 # Peak memory bandwidth (GB/s) by device name, for the decode roofline.
 BANDWIDTH_GBS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0, "L4": 300.0}
@@ -87,6 +98,7 @@ def start_server(
     kind: str,
     http_port: int = -1,
     worker_process: bool = False,
+    engine_cpus: str = "",
 ) -> subprocess.Popen:
     cmd = [
         sys.executable, "-m", "rlhf", "serve", "policy", "--engine.kind", kind,
@@ -97,7 +109,7 @@ def start_server(
         "--limits.max-input-tokens", "448",
         "--vllm.threads", str(args.threads),
         "--runtime.http-host", "127.0.0.1", "--runtime.http-port", str(http_port),
-        "--engine.worker-process", str(worker_process).lower(),
+        "--engine.worker-process", str(worker_process).lower(), "--engine.cpus", engine_cpus,
     ]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -134,12 +146,51 @@ def stop(process: subprocess.Popen) -> None:
         process.kill()
 
 
+def placement(spec: str, threads: int) -> tuple[list[int], list[int], str]:
+    """(CPUs the models compute on, CPUs for everything else, why nothing is pinned) for
+    ``--engine-cpus``: ``auto`` takes the last ``threads`` CPUs this process may use."""
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if spec == "auto":
+        if len(allowed) <= threads:
+            return [], [], f"{len(allowed)} CPUs: none left for the clients beside the model's"
+        return allowed[-threads:], allowed[:-threads], ""
+    engine = sorted(parse_cpus(spec))
+    if not engine:
+        return [], [], "--engine-cpus ''"
+    rest = [cpu for cpu in allowed if cpu not in engine]
+    if not set(engine) <= set(allowed) or not rest:
+        raise SystemExit(f"--engine-cpus {spec}: this process may use CPUs {cpu_list(allowed)}")
+    return engine, rest, ""
+
+
+def pin(cpus: list[int]) -> None:
+    """Every thread of this process onto ``cpus`` (nothing when empty)."""
+    if cpus:
+        for thread in os.listdir("/proc/self/task"):
+            with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+                os.sched_setaffinity(int(thread), cpus)
+
+
 def _grpc(port: int, texts: list[str], c: int, s: Settings, stream: bool) -> Run:
     return grpc_run(port, texts, c, s, stream)
 
 
-def _static(model, tok, ids: list[list[int]], batch: int, s: Settings, _stream: bool) -> Run:
-    return static_run(model, tok, ids, batch, s)
+@contextlib.contextmanager
+def computing(engine_cpus: list[int], rest: list[int]) -> Iterator[None]:
+    """This process on the models' CPUs while it runs a model itself, then back."""
+    pin(engine_cpus)
+    try:
+        yield
+    finally:
+        pin(rest)
+
+
+def _static(
+    model, tok, ids: list[list[int]], batch: int, cpus: tuple[list[int], list[int]], s: Settings,
+    _stream: bool,
+) -> Run:  # fmt: skip
+    with computing(*cpus):
+        return static_run(model, tok, ids, batch, s)
 
 
 def summarise(runs: list[Run]) -> dict[str, float]:
@@ -157,6 +208,12 @@ def summarise(runs: list[Run]) -> dict[str, float]:
         out["ttft_p50_s"] = med(lambda r: percentile(r.ttfts, 50))
         out["ttft_p99_s"] = med(lambda r: percentile(r.ttfts, 99))
     return out
+
+
+def paired(rounds: dict[str, list[Run]], a: str, b: str) -> float:
+    """The median over rounds of peer a's tokens/s over peer b's in the same round."""
+    ratios = [x.tokens_per_s / y.tokens_per_s for x, y in zip(rounds[a], rounds[b], strict=True)]
+    return round(statistics.median(ratios), 2)
 
 
 def vllm_reason(model_path: Path, args: argparse.Namespace) -> str:
@@ -195,6 +252,7 @@ def bench_size(size: str, args: argparse.Namespace, tmp: Path) -> dict:
     servers: dict[str, tuple[int, subprocess.Popen]] = {}
     vllm_alone = None
     skipped = vllm_reason(model_path, args)
+    engine_cpus, rest, _ = placement(args.engine_cpus, args.threads)
     try:
         native_http = free_port()
         # The native engine in its own process (the rows "engine"), and in the server's.
@@ -206,8 +264,11 @@ def bench_size(size: str, args: argparse.Namespace, tmp: Path) -> dict:
                 start_server(
                     model_path, port, args, "vllm" if kind == "vllm" else "native", http,
                     worker_process=kind == "native",
+                    # The in-process engine shares its process with the server's threads.
+                    engine_cpus=cpu_list(engine_cpus) if kind != "in-process" else "",
                 ),
             )  # fmt: skip
+        pin(rest)  # the clients, and vLLM's API process started next
         if not skipped:
             from services.policy.config import VLLMConfig
             from services.policy.engines.vllm import VLLMEngine
@@ -217,6 +278,7 @@ def bench_size(size: str, args: argparse.Namespace, tmp: Path) -> dict:
                 VLLMConfig(threads=args.threads),
                 max_seq_len=512,
                 dtype=args.dtype,
+                cpus=frozenset(engine_cpus),
             )
             vllm_alone = alone_engine.load(model_path, "bench")
             alone_engine.warm_up(vllm_alone)
@@ -229,7 +291,9 @@ def bench_size(size: str, args: argparse.Namespace, tmp: Path) -> dict:
         peers[f"http c{top}"] = functools.partial(http_run, native_http, texts, top)
         peers[f"in-process c{top}"] = functools.partial(_grpc, servers["in-process"][0], texts, top)
         for b in levels:
-            peers[f"static b{b}"] = functools.partial(_static, model, tok, ids, b)
+            peers[f"static b{b}"] = functools.partial(
+                _static, model, tok, ids, b, (engine_cpus, rest)
+            )
         if not skipped:
             vport = servers["vllm"][0]
             peers[f"vllm-engine c{top}"] = lambda s, st: grpc_run(vport, texts, top, s, st)
@@ -270,28 +334,19 @@ def bench_size(size: str, args: argparse.Namespace, tmp: Path) -> dict:
                 fresh, _ = load_policy(model_path, torch.device(args.device))
                 # One pass over the prompts: at its speed on CPU three would take minutes.
                 once = ids[: args.prompts]
-                table["hf-continuous"] = summarise([hf_continuous_run(fresh, tok, once, settings)])
+                with computing(engine_cpus, rest):
+                    continuous = hf_continuous_run(fresh, tok, once, settings)
+                table["hf-continuous"] = summarise([continuous])
             engine = table[f"engine c{top}"]["tokens_per_s"]
-            ratios = {
-                f"engine_c{top}_vs_static_b{top}": round(
-                    engine / table[f"static b{top}"]["tokens_per_s"], 2
-                )
-            }
+            pair = functools.partial(paired, rounds)
+            ratios = {f"engine_c{top}_vs_static_b{top}": pair(f"engine c{top}", f"static b{top}")}
             if not skipped:
-                ratios[f"engine_c{top}_vs_vllm_c{top}"] = round(
-                    engine / table[f"vllm c{top}"]["tokens_per_s"], 2
+                ratios[f"engine_c{top}_vs_vllm_c{top}"] = pair(f"engine c{top}", f"vllm c{top}")
+                ratios[f"vllm_engine_vs_vllm_c{top}"] = pair(f"vllm-engine c{top}", f"vllm c{top}")
+            for name in ("in-process", "http"):
+                ratios[f"{name.replace('-', '_')}_c{top}_vs_engine_c{top}"] = pair(
+                    f"{name} c{top}", f"engine c{top}"
                 )
-                ratios[f"vllm_engine_vs_vllm_c{top}"] = round(
-                    table[f"vllm-engine c{top}"]["tokens_per_s"]
-                    / table[f"vllm c{top}"]["tokens_per_s"],
-                    2,
-                )
-            ratios[f"in_process_c{top}_vs_engine_c{top}"] = round(
-                table[f"in-process c{top}"]["tokens_per_s"] / engine, 2
-            )
-            ratios[f"http_c{top}_vs_engine_c{top}"] = round(
-                table[f"http c{top}"]["tokens_per_s"] / engine, 2
-            )
             if "hf-continuous" in table:
                 ratios[f"engine_c{top}_vs_hf_continuous"] = round(
                     engine / table["hf-continuous"]["tokens_per_s"], 2
@@ -364,6 +419,12 @@ def main(argv: list[str] | None = None) -> int:
         "--concurrency", default="1,8,32", help="client concurrency = static batch sizes"
     )
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--engine-cpus",
+        default="",
+        help="CPUs every peer's model computes on, e.g. 3 or 2-3 (auto: the last --threads "
+        "CPUs, when CPUs are left for the clients; default '': nothing pinned)",
+    )
     parser.add_argument("--no-vllm", action="store_true", help="skip vLLM (engine and server)")
     parser.add_argument(
         "--no-hf-cb", action="store_true", help="skip transformers' continuous batching"
@@ -373,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"bench": "serving", "device": args.device, "threads": args.threads,
                     "family": args.tokenizer,
                     "max_new_tokens": args.max_new_tokens, "prompts": args.prompts, "passes": args.passes}  # fmt: skip
+    engine_cpus, rest, unpinned = placement(args.engine_cpus, args.threads)
+    report["engine_cpus"] = cpu_list(engine_cpus) if engine_cpus else f"not pinned: {unpinned}"
+    print(f"models compute on CPUs {report['engine_cpus']}, clients on {cpu_list(rest) or '-'}")
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes.split(","):
             report[size] = bench_size(size, args, Path(tmp))

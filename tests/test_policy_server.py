@@ -31,7 +31,9 @@ from services.policy.config import (
     PolicyRuntimeConfig,
     PolicyServerConfig,
     PublishConfig,
+    parse_cpus,
 )
+from services.policy.engines import cpu_list
 from services.policy.server import PolicyServer
 
 INFER = [("authorization", "Bearer infer-key-1")]
@@ -383,7 +385,11 @@ def test_queue_full_is_resource_exhausted(model_dir: Path) -> None:
 
 
 def test_cli_serves_and_stops_on_sigterm(model_dir: Path, tmp_path: Path) -> None:
+    """The CLI serves a request, with the engine's worker process pinned to the CPUs of
+    ``--engine.cpus`` and the server's threads to the others, and stops on SIGTERM."""
     port = free_port()
+    allowed = os.sched_getaffinity(0)
+    engine_cpus = {max(allowed)}
     config_file = tmp_path / "policy.yaml"
     config_file.write_text(
         f"model:\n  path: {model_dir}\nruntime:\n  host: 127.0.0.1\n  metrics_port: -1\n"
@@ -405,6 +411,8 @@ def test_cli_serves_and_stops_on_sigterm(model_dir: Path, tmp_path: Path) -> Non
             str(config_file),
             "--model.version",
             "cli-v",
+            "--engine.cpus",
+            str(max(allowed)),
         ],
         env=env,
         stdout=subprocess.PIPE,
@@ -427,6 +435,21 @@ def test_cli_serves_and_stops_on_sigterm(model_dir: Path, tmp_path: Path) -> Non
                 request, metadata=[("x-api-key", "cli-key")], timeout=30, wait_for_ready=True
             )
             assert reply.model_version == "cli-v"
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        workers = [
+            int(pid)
+            for pid in children
+            if b"services.policy.engines.worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
+        assert len(workers) == 1
+        assert os.sched_getaffinity(workers[0]) == engine_cpus
+        threads = [int(t) for t in os.listdir(f"/proc/{workers[0]}/task")]
+        assert len(threads) > 1 and all(os.sched_getaffinity(t) == engine_cpus for t in threads)
+        # The server's own threads (gRPC, event loop, pipe reader) keep off the engine's CPUs,
+        # unless they are all there is.
+        server = {int(t) for t in os.listdir(f"/proc/{proc.pid}/task")}
+        expected = (allowed - engine_cpus) or allowed
+        assert all(os.sched_getaffinity(t) == expected for t in server)
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=60)
     finally:
@@ -435,3 +458,38 @@ def test_cli_serves_and_stops_on_sigterm(model_dir: Path, tmp_path: Path) -> Non
             proc.wait()
     assert proc.returncode == 0, output
     assert "policy server stopped" in output
+
+
+@pytest.mark.parametrize(
+    ("cpus", "message"),
+    [
+        ("two", "'two' is neither a CPU number nor a range like 2-7"),
+        ("3-1", "'3-1' is not a range of CPUs 0..8191"),
+        ("0-100000", "'0-100000' is not a range of CPUs 0..8191"),
+        ("unavailable", "are not available to this process"),
+    ],
+)
+def test_cli_refuses_engine_cpus_it_cannot_use(model_dir: Path, cpus: str, message: str) -> None:
+    """A malformed ``--engine.cpus``, or CPUs this process may not use: exit status 2 and a
+    message naming the setting, before any model is loaded."""
+    if cpus == "unavailable":
+        cpus = str(max(os.sched_getaffinity(0)) + 1)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "rlhf", "serve", "policy", "--model.path", str(model_dir),
+            "--runtime.port", str(free_port()), "--runtime.metrics-port", "-1",
+            "--engine.cpus", cpus,
+        ],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "engine.cpus" in done.stderr and message in done.stderr
+    assert "loaded" not in done.stderr
+
+
+def test_cpu_lists_read_and_write_the_same_form() -> None:
+    assert parse_cpus(" 3, 0-1 ,7-7,") == {0, 1, 3, 7}
+    assert parse_cpus("") == frozenset()
+    assert cpu_list({7, 0, 1, 2, 5}) == "0-2,5,7"
+    assert parse_cpus(cpu_list(range(0, 64, 3))) == set(range(0, 64, 3))

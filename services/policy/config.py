@@ -62,6 +62,13 @@ class EngineConfig:
         "taking turns with it under one interpreter lock (false: in the server's process)",
     )
     torch_threads: int = option(0, "torch CPU threads (0: torch's default)")
+    cpus: str = option(
+        "",
+        "CPUs the engine computes on, a list like 3 or 2-7,12 (native in its worker process: "
+        "the worker is pinned to them and the server's own threads to the other CPUs; native "
+        "in the server's process: the whole process; vllm CPU builds: its OpenMP threads, "
+        "VLLM_CPU_OMP_THREADS_BIND). Empty: the OS places every thread",
+    )
     switch_interval_ms: float = option(
         0.5, "Python's thread switch interval: how long the event loop may wait for the GIL"
     )
@@ -79,6 +86,28 @@ class EngineConfig:
             raise ValueError("engine.prefix_cache_tokens must be >= 0")
         if self.max_seq_len < 0:
             raise ValueError("engine.max_seq_len must be >= 0")
+        parse_cpus(self.cpus)
+
+
+# Linux's largest CPU number (NR_CPUS); a range past it is a typo, not a machine.
+MAX_CPUS = 8192
+
+
+def parse_cpus(text: str) -> frozenset[int]:
+    """The CPU numbers of a list like ``3`` or ``2-7,12`` (empty: none); ValueError if malformed."""
+    cpus: set[int] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        first, dash, last = part.partition("-")
+        try:
+            low, high = int(first), int(last if dash else first)
+        except ValueError:
+            raise ValueError(
+                f"engine.cpus: {part!r} is neither a CPU number nor a range like 2-7"
+            ) from None
+        if not 0 <= low <= high < MAX_CPUS:
+            raise ValueError(f"engine.cpus: {part!r} is not a range of CPUs 0..{MAX_CPUS - 1}")
+        cpus.update(range(low, high + 1))
+    return frozenset(cpus)
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ from services.policy.engine import (
     SampleDone,
     TokenEvent,
 )
-from services.policy.engines import make_engine
+from services.policy.engines import make_engine, place_server
 from services.policy.prompts import Rendered, ServedPolicy, render, request_prompt
 from services.policy.publisher import GenerationPublisher
 from services.policy.sampling import SamplingParams
@@ -529,6 +529,11 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    try:
+        place_server(config.engine)
+    except ValueError as exc:
+        print(f"rlhf serve policy: error: {exc}", file=sys.stderr)
+        return 2
     if config.engine.torch_threads:
         torch.set_num_threads(config.engine.torch_threads)
     # The engine's worker thread runs Python between tensor operations; with the default 5 ms

@@ -52,6 +52,9 @@ from services.policy.sampling import Sampler, SamplingParams, sample_seed
 
 log = logging.getLogger(__name__)
 
+# A step's hand-over: each request's new events, and the requests it gave a slot.
+Deliver = Callable[[dict[Generation, list[TokenEvent | GenerationFailed]], list[Generation]], None]
+
 
 @dataclass(frozen=True, eq=False)
 class LoadedPolicy:
@@ -137,10 +140,7 @@ class NativeEngine:
         device: str = "auto",
         dtype: str = "auto",
         prefix_cache_tokens: int = 0,
-        deliver: Callable[[dict[Generation, list[TokenEvent | GenerationFailed]]], None] = (
-            deliver_all
-        ),
-        on_admit: Callable[[list[Generation]], None] | None = None,
+        deliver: Deliver | None = None,
     ) -> None:
         if max_step_tokens <= max_batch_size:
             raise ValueError("max_step_tokens must exceed max_batch_size (room for prefill)")
@@ -155,8 +155,9 @@ class NativeEngine:
         self._waiting: collections.deque[Generation] = collections.deque()
         self._batches: weakref.WeakKeyDictionary[LoadedPolicy, _Batch] = weakref.WeakKeyDictionary()
         self._outbox: dict[Generation, list[TokenEvent | GenerationFailed]] = {}
-        self._deliver = deliver  # each step's events, to the requests' event loops
-        self._on_admit = on_admit  # requests that left the queue for a slot (worker.py)
+        # Each step's events, to the requests' event loops, and the requests the step gave a
+        # slot (worker.py sends both up in one message).
+        self._deliver: Deliver = deliver or (lambda outbox, _admitted: deliver_all(outbox))
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="policy-engine", daemon=True)
         self._thread.start()
@@ -306,8 +307,6 @@ class NativeEngine:
                     if self._stopping:
                         return
                     admitted = self._admit()
-                if admitted and self._on_admit is not None:
-                    self._on_admit(admitted)
                 try:
                     self._drop_abandoned()
                     with self._cond:
@@ -325,7 +324,7 @@ class NativeEngine:
                             batch.prefilling.clear()
                     for gen in dict.fromkeys(gens + admitted):
                         self._fail(gen, "internal", "generation failed inside the engine")
-                self._flush()
+                self._flush(admitted)
                 with self._cond:
                     for policy, batch in list(self._batches.items()):
                         if batch.retired and batch.empty():
@@ -505,11 +504,11 @@ class NativeEngine:
         self.metrics.aborted.labels(reason).inc()
         self._outbox.setdefault(gen, []).append(GenerationFailed(reason, message))
 
-    def _flush(self) -> None:
+    def _flush(self, admitted: list[Generation] | None = None) -> None:
         """One hand-over per request per step keeps the event loop's wake-ups few."""
         outbox, self._outbox = self._outbox, {}
-        if outbox:
-            self._deliver(outbox)
+        if outbox or admitted:
+            self._deliver(outbox, admitted or [])
 
 
 def new_generation(

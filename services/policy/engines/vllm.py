@@ -74,7 +74,7 @@ from services.policy.engine import (
     SampleText,
     TokenEvent,
 )
-from services.policy.engines import version_metadata
+from services.policy.engines import cpu_list, version_metadata
 from services.policy.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -156,8 +156,15 @@ class VLLMEngine:
         max_batch_size: int = 32,
         max_seq_len: int = 2048,
         dtype: str = "auto",
+        cpus: frozenset[int] = frozenset(),
     ) -> None:
+        if cpus and len(cpus) < config.tensor_parallel_size:
+            raise ValueError(
+                f"engine.cpus names {len(cpus)} CPUs for {config.tensor_parallel_size} "
+                "tensor-parallel ranks: each rank needs one at least"
+            )
         self.config = config
+        self.cpus = cpus
         self.max_queue = max_queue
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
@@ -199,7 +206,14 @@ class VLLMEngine:
         if not torch.cuda.is_available():
             # The CPU build: its KV cache size, and tcmalloc + Intel OpenMP preloaded per its docs.
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.config.cpu_kv_cache_gb))
-            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+            if self.cpus:  # --engine.cpus, split evenly between tensor-parallel ranks
+                ranks, ordered = self.config.tensor_parallel_size, sorted(self.cpus)
+                share = len(ordered) // ranks
+                env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
+                    cpu_list(ordered[r * share : (r + 1) * share]) for r in range(ranks)
+                )
+            else:
+                env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
             if self.config.threads:
                 env["OMP_NUM_THREADS"] = str(self.config.threads)
             assert self._python is not None

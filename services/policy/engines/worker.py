@@ -12,9 +12,9 @@ The two talk over a socket pair with ``multiprocessing.connection`` messages:
 * down: ``submit`` (the checked request; the child makes its own ``Generation``), ``cancel``,
   and calls answered by a reply (``load``, ``warm_up``, ``unload``, ``stats``, ``wait_idle``,
   ``metrics``, ``stop``);
-* up: each step's token events in one message (the engine's ``deliver`` hook), the requests
-  the step admitted to a slot (``on_admit``: the server side counts those still waiting, for
-  ``max_queue``), and the replies.
+* up: each step's token events and the requests it admitted to a slot (the server side
+  counts those still waiting, for ``max_queue``) in one message (the engine's ``deliver``
+  hook), and the replies.
 
 The server process loads the version's tokenizer itself (templates and tokenisation stay on
 its side); the child loads the weights. The engine's metrics live in the child; the server's
@@ -98,6 +98,7 @@ class WorkerEngine:
         dtype: str = "auto",
         prefix_cache_tokens: int = 0,
         torch_threads: int = 0,
+        cpus: frozenset[int] = frozenset(),
     ) -> None:
         if max_step_tokens <= max_batch_size:
             raise ValueError("max_step_tokens must exceed max_batch_size (room for prefill)")
@@ -115,7 +116,9 @@ class WorkerEngine:
         self.process = subprocess.Popen(
             [
                 sys.executable, "-m", "services.policy.engines.worker", str(there.fileno()),
-                json.dumps({"engine": settings, "torch_threads": torch_threads}),
+                json.dumps(
+                    {"engine": settings, "torch_threads": torch_threads, "cpus": sorted(cpus)}
+                ),
             ],
             pass_fds=[there.fileno()],
             env=env,
@@ -258,11 +261,11 @@ class WorkerEngine:
                 message = self._conn.recv()
             except (EOFError, OSError):
                 break
-            if message[0] == "events":
+            if message[0] == "events":  # ("events", [(id, events)], admitted ids)
+                if message[2]:
+                    with self._lock:
+                        self._waiting.difference_update(message[2])
                 self._dispatch(message[1])
-            elif message[0] == "admitted":
-                with self._lock:
-                    self._waiting.difference_update(message[1])
             else:  # ("reply", call id, ok, value)
                 with self._lock:
                     reply = self._replies.get(message[1])
@@ -331,9 +334,7 @@ class _Worker:
 
         self.conn = conn
         self.registry = CollectorRegistry()
-        self.engine = NativeEngine(
-            self.registry, deliver=self._deliver, on_admit=self._admitted, **settings
-        )
+        self.engine = NativeEngine(self.registry, deliver=self._deliver, **settings)
         self.policies: dict[str, Any] = {}  # version -> LoadedPolicy
         # Requests not finished: generation -> [request id, samples still going], and back.
         self.requests: dict[Generation, list[int]] = {}
@@ -345,9 +346,15 @@ class _Worker:
         with self.send_lock:
             self.conn.send(message)
 
-    def _deliver(self, outbox: dict[Generation, list[TokenEvent | GenerationFailed]]) -> None:
+    def _deliver(
+        self,
+        outbox: dict[Generation, list[TokenEvent | GenerationFailed]],
+        admitted: list[Generation],
+    ) -> None:
+        """A step's events and admissions, up in one message (each message wakes the server)."""
         batch = []
         with self.lock:
+            ids = [self.requests[gen][0] for gen in admitted if gen in self.requests]
             for gen, items in outbox.items():
                 entry = self.requests.get(gen)
                 if entry is None:
@@ -356,13 +363,8 @@ class _Worker:
                 entry[1] = samples_left(entry[1], items)
                 if entry[1] <= 0:
                     del self.requests[gen], self.by_id[entry[0]]
-        if batch:
-            self.send(("events", batch))
-
-    def _admitted(self, gens: list[Generation]) -> None:
-        with self.lock:
-            ids = [self.requests[gen][0] for gen in gens if gen in self.requests]
-        self.send(("admitted", ids))
+        if batch or ids:
+            self.send(("events", batch, ids))
 
     def serve(self) -> None:
         while True:
@@ -406,7 +408,7 @@ class _Worker:
         policy = self.policies.get(version)
         if policy is None:
             failure = GenerationFailed("internal", f"version {version} is not loaded")
-            self.send(("events", [(rid, [failure])]))
+            self.send(("events", [(rid, [failure])], []))
             return
         gen = Generation(
             policy, prompt_ids, params, n, deadline, None, stream=stream, token_texts=token_texts
@@ -421,7 +423,7 @@ class _Worker:
             with self.lock:
                 del self.requests[gen], self.by_id[rid]
             reason = "stopped" if isinstance(exc, EngineStopped) else "internal"
-            self.send(("events", [(rid, [GenerationFailed(reason, str(exc))])]))
+            self.send(("events", [(rid, [GenerationFailed(reason, str(exc))])], []))
 
     def _call(self, call_id: int, op: str, args: tuple) -> None:
         try:
@@ -464,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     # Ctrl-C or a SIGTERM sent to the whole process group must not cut its requests short.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if settings["cpus"]:
+        # Before torch starts a thread: every thread of this process computes on these CPUs.
+        os.sched_setaffinity(0, settings["cpus"])
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s engine-worker %(name)s: %(message)s"
     )
