@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import threading
 import time
 import urllib.request
@@ -336,3 +337,66 @@ def test_worker_process_that_dies_fails_its_requests(tmp_path: Path) -> None:
 
 async def _submit_one(engine: GenerationEngine, policy: Policy) -> None:
     engine.submit(policy, ids(policy, "x"), SamplingParams(max_new_tokens=2))
+
+
+@pytest.mark.vllm
+def test_vllm_openmp_threads_run_on_the_engine_cpus(tmp_path: Path) -> None:
+    """``--engine.cpus`` on vLLM's CPU build: its OpenMP threads are bound to those CPUs
+    (``VLLM_CPU_OMP_THREADS_BIND``), and it still answers."""
+    from services.policy.engines.vllm import VLLMEngine
+
+    cpu = max(os.sched_getaffinity(0))
+    path = models.build_tiny(tmp_path / "policy", seed=0, size="small", tokenizer="byte")
+    engine = VLLMEngine(
+        CollectorRegistry(), VLLM_TEST_CONFIG, max_seq_len=512, cpus=frozenset({cpu})
+    )
+    policy = engine.load(path, "v0")
+    try:
+        engine.warm_up(policy)
+        assert f"VLLM_CPU_OMP_THREADS_BIND='{cpu}'" in policy.log_path.read_text()
+        pinned = [
+            tid for pid in _descendants(policy.process.pid) for tid in _threads(pid)
+            if _affinity(tid) == {cpu}
+        ]  # fmt: skip
+        assert pinned, "no thread of vLLM's processes is bound to the engine's CPU"
+        gen = asyncio.run(_generate_one(engine, policy))
+        assert gen and gen[0].token_ids
+    finally:
+        engine.stop()
+        engine.unload(policy)
+
+
+async def _generate_one(engine: GenerationEngine, policy: Policy) -> list:
+    gen = engine.submit(policy, ids(policy, "bound"), SamplingParams(max_new_tokens=4))
+    return await gen.result()
+
+
+def _descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        here = todo.pop()
+        found.append(here)
+        try:
+            tasks = os.listdir(f"/proc/{here}/task")
+            todo += [
+                int(child)
+                for task in tasks
+                for child in Path(f"/proc/{here}/task/{task}/children").read_text().split()
+            ]
+        except FileNotFoundError:
+            continue  # ended meanwhile
+    return found
+
+
+def _threads(pid: int) -> list[int]:
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except FileNotFoundError:
+        return []
+
+
+def _affinity(tid: int) -> set[int]:
+    try:
+        return os.sched_getaffinity(tid)
+    except ProcessLookupError:
+        return set()

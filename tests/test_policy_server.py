@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from rlhf import bus, topics
+from rlhf.config import load_config
 from rlhf.kafka_local import free_port
 from rlhf.models import build_tiny
 from rlhf.split import split_for_user
@@ -486,6 +487,16 @@ def test_cli_refuses_engine_cpus_it_cannot_use(model_dir: Path, cpus: str, messa
     assert done.returncode == 2, done.stderr
     assert "engine.cpus" in done.stderr and message in done.stderr
     assert "loaded" not in done.stderr
+
+
+def test_vllm_ranks_need_a_cpu_each() -> None:
+    flags = {
+        "model.path": "/m", "engine.kind": "vllm", "vllm.tensor_parallel_size": "2",
+        "engine.cpus": "0",
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="engine.cpus names 1 CPUs for vllm.tensor_parallel_size"):
+        load_config(PolicyServerConfig, flags=flags)
+    assert load_config(PolicyServerConfig, flags=flags | {"engine.cpus": "0-1"}).engine.cpus
 
 
 def test_cpu_lists_read_and_write_the_same_form() -> None:

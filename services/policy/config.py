@@ -215,6 +215,12 @@ class PolicyServerConfig:
             raise ValueError(
                 "engine.max_seq_len must hold limits.max_input_tokens + limits.max_new_tokens"
             )
+        cpus = len(parse_cpus(self.engine.cpus))
+        if self.engine.kind == "vllm" and 0 < cpus < self.vllm.tensor_parallel_size:
+            raise ValueError(
+                f"engine.cpus names {cpus} CPUs for vllm.tensor_parallel_size "
+                f"{self.vllm.tensor_parallel_size}: each rank needs one at least"
+            )
 
     @property
     def seq_len(self) -> int:
