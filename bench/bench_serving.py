@@ -78,7 +78,7 @@ from rlhf import encoding  # noqa: E402
 from rlhf.kafka_local import free_port  # noqa: E402
 from rlhf.models import build_tiny, load_policy  # noqa: E402
 from services.policy.config import parse_cpus  # noqa: E402
-from services.policy.engines import cpu_list  # noqa: E402
+from services.policy.engines import cpu_list, pin_threads  # noqa: E402
 
 # Peak memory bandwidth (GB/s) by device name, for the decode roofline.
 BANDWIDTH_GBS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0, "L4": 300.0}
@@ -166,9 +166,7 @@ def placement(spec: str, threads: int) -> tuple[list[int], list[int], str]:
 def pin(cpus: list[int]) -> None:
     """Every thread of this process onto ``cpus`` (nothing when empty)."""
     if cpus:
-        for thread in os.listdir("/proc/self/task"):
-            with contextlib.suppress(ProcessLookupError):  # a thread that just ended
-                os.sched_setaffinity(int(thread), cpus)
+        pin_threads(cpus)
 
 
 def _grpc(port: int, texts: list[str], c: int, s: Settings, stream: bool) -> Run:

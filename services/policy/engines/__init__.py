@@ -100,6 +100,12 @@ def place_server(engine: EngineConfig) -> None:
     if not own:
         log.warning("engine.cpus names every CPU: the server's own threads share them")
         return
-    for thread in os.listdir("/proc/self/task"):
-        os.sched_setaffinity(int(thread), own)
+    pin_threads(own)
     log.info("engine on CPUs %s, the server's own threads on %s", cpu_list(cpus), cpu_list(own))
+
+
+def pin_threads(cpus: Iterable[int]) -> None:
+    """Every thread of this process onto ``cpus`` (Linux: an affinity is per thread)."""
+    for thread in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+            os.sched_setaffinity(int(thread), cpus)
