@@ -33,8 +33,10 @@ from a second, streamed run of the same requests (the static baseline's TTFT is 
 generating one token). Each figure is the median of ``--rounds`` rounds, the peers interleaved
 within each round; each ratio is the median over rounds of the two peers' ratio within one
 round (the machine's speed drifts more over minutes than over seconds). The table prints
-tokens/s, p50 and p99 request latency and TTFT, and the ratios the goal is stated in (engine
-c32 against static b32 and against vLLM's server). On CUDA it also reports the
+tokens/s, p50 and p99 request latency and TTFT, for the native engine's rows how many decode
+rows its forward passes averaged (``rows``, from the server's ``rlhf_policy_batch_size``
+histogram: how full the clients kept its batch; a static batch always has its N), and the
+ratios the goal is stated in (engine c32 against static b32 and against vLLM's server). On CUDA it also reports the
 memory-bandwidth bound of single-stream decoding. The last line printed is one JSON object:
 {"bench": "serving", ...}.
 """
@@ -46,12 +48,14 @@ import contextlib
 import functools
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -99,11 +103,13 @@ def start_server(
     http_port: int = -1,
     worker_process: bool = False,
     engine_cpus: str = "",
+    metrics_port: int = -1,
 ) -> subprocess.Popen:
     cmd = [
         sys.executable, "-m", "rlhf", "serve", "policy", "--engine.kind", kind,
         "--model.path", str(model_path), "--model.device", args.device, "--model.dtype", args.dtype,
-        "--runtime.host", "127.0.0.1", "--runtime.port", str(port), "--runtime.metrics-port", "-1",
+        "--runtime.host", "127.0.0.1", "--runtime.port", str(port),
+        "--runtime.metrics-host", "127.0.0.1", "--runtime.metrics-port", str(metrics_port),
         "--engine.max-batch-size", "32", "--engine.torch-threads", str(args.threads),
         "--limits.max-new-tokens", str(max(args.max_new_tokens, 64)),
         "--limits.max-input-tokens", "448",
@@ -169,6 +175,30 @@ def pin(cpus: list[int]) -> None:
         pin_threads(cpus)
 
 
+def batch_rows(metrics_port: int) -> tuple[float, float]:
+    """(sum, count) of the server's ``rlhf_policy_batch_size`` histogram: decode rows per
+    forward pass of its native engine."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    found = dict(re.findall(r"^rlhf_policy_batch_size_(sum|count) (\S+)$", text, re.M))
+    return float(found.get("sum", 0.0)), float(found.get("count", 0.0))
+
+
+def with_rows(metrics_port: int, run: Callable[[Settings, bool], Run]) -> Callable[..., Run]:
+    """``run``, its Run also carrying the engine's mean decode rows per step while it ran:
+    how full the engine kept its batch (static batching's is its batch size)."""
+
+    def measured(s: Settings, stream: bool) -> Run:
+        rows_before, steps_before = batch_rows(metrics_port)
+        result = run(s, stream)
+        rows, steps = batch_rows(metrics_port)
+        if steps > steps_before:
+            result.rows = (rows - rows_before) / (steps - steps_before)
+        return result
+
+    return measured
+
+
 def _grpc(port: int, texts: list[str], c: int, s: Settings, stream: bool) -> Run:
     return grpc_run(port, texts, c, s, stream)
 
@@ -202,6 +232,8 @@ def summarise(runs: list[Run]) -> dict[str, float]:
         "p50_s": med(lambda r: percentile(r.latencies, 50)),
         "p99_s": med(lambda r: percentile(r.latencies, 99)),
     }
+    if all(r.rows is not None for r in runs):
+        out["rows"] = round(statistics.median(r.rows or 0.0 for r in runs), 1)
     if all(r.ttfts for r in runs):
         out["ttft_p50_s"] = med(lambda r: percentile(r.ttfts, 50))
         out["ttft_p99_s"] = med(lambda r: percentile(r.ttfts, 99))
@@ -248,6 +280,7 @@ def bench_size(size: str, args: argparse.Namespace, tmp: Path) -> dict:
     levels = [int(c) for c in args.concurrency.split(",")]
     top = max(levels)
     servers: dict[str, tuple[int, subprocess.Popen]] = {}
+    metrics: dict[str, int] = {}  # the native engine's servers: their /metrics ports
     vllm_alone = None
     skipped = vllm_reason(model_path, args)
     engine_cpus, rest, _ = placement(args.engine_cpus, args.threads)
@@ -257,6 +290,8 @@ def bench_size(size: str, args: argparse.Namespace, tmp: Path) -> dict:
         for kind in ["native", "in-process"] + ([] if skipped else ["vllm"]):
             port = free_port()
             http = native_http if kind == "native" else -1
+            if kind != "vllm":
+                metrics[kind] = free_port()
             servers[kind] = (
                 port,
                 start_server(
@@ -264,6 +299,7 @@ def bench_size(size: str, args: argparse.Namespace, tmp: Path) -> dict:
                     worker_process=kind == "native",
                     # The in-process engine shares its process with the server's threads.
                     engine_cpus=cpu_list(engine_cpus) if kind != "in-process" else "",
+                    metrics_port=metrics.get(kind, -1),
                 ),
             )  # fmt: skip
         pin(rest)  # the clients, and vLLM's API process started next
@@ -284,10 +320,13 @@ def bench_size(size: str, args: argparse.Namespace, tmp: Path) -> dict:
             wait_ready(port, process, 900)
         peers: dict[str, Callable[[Settings, bool], Run]] = {}
         native = servers["native"][0]
+        rows = functools.partial(with_rows, metrics["native"])
         for c in levels:
-            peers[f"engine c{c}"] = functools.partial(_grpc, native, texts, c)
-        peers[f"http c{top}"] = functools.partial(http_run, native_http, texts, top)
-        peers[f"in-process c{top}"] = functools.partial(_grpc, servers["in-process"][0], texts, top)
+            peers[f"engine c{c}"] = rows(functools.partial(_grpc, native, texts, c))
+        peers[f"http c{top}"] = rows(functools.partial(http_run, native_http, texts, top))
+        peers[f"in-process c{top}"] = with_rows(
+            metrics["in-process"], functools.partial(_grpc, servers["in-process"][0], texts, top)
+        )
         for b in levels:
             peers[f"static b{b}"] = functools.partial(
                 _static, model, tok, ids, b, (engine_cpus, rest)
@@ -367,10 +406,17 @@ def bench_size(size: str, args: argparse.Namespace, tmp: Path) -> dict:
 
 def print_table(size: str, mode: str, table: dict, ratios: dict, skipped: str) -> None:
     print(f"\n{size} / {mode}: tokens/s, request latency and time to first token (s)", flush=True)
-    print(f"  {'peer':<18}{'tok/s':>10}{'p50':>9}{'p99':>9}{'ttft p50':>10}{'ttft p99':>10}")
+    print(
+        f"  {'peer':<18}{'tok/s':>10}{'p50':>9}{'p99':>9}{'ttft p50':>10}{'ttft p99':>10}"
+        f"{'rows':>7}"
+    )
     for name, row in table.items():
         cells = [row.get(k, float("nan")) for k in ("p50_s", "p99_s", "ttft_p50_s", "ttft_p99_s")]
-        print(f"  {name:<18}{row['tokens_per_s']:>10.0f}" + "".join(f"{c:>9.3f} " for c in cells))
+        print(
+            f"  {name:<18}{row['tokens_per_s']:>10.0f}"
+            + "".join(f"{c:>9.3f} " for c in cells)
+            + f"{row.get('rows', float('nan')):>6.1f}"
+        )
     if skipped:
         print(f"  vLLM skipped: {skipped}")
     print("  ratios: " + ", ".join(f"{k} {v}x" for k, v in ratios.items()), flush=True)

@@ -36,6 +36,8 @@ class Run:
     wall_s: float = 0.0
     latencies: list[float] = field(default_factory=list)
     ttfts: list[float] = field(default_factory=list)
+    # Decode rows per forward pass, from the native engine's own metric (None: not measured).
+    rows: float | None = None
 
     @property
     def tokens_per_s(self) -> float:
