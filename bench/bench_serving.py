@@ -48,14 +48,12 @@ import contextlib
 import functools
 import json
 import os
-import re
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -81,6 +79,7 @@ from serving_peers import (  # noqa: E402
 from rlhf import encoding  # noqa: E402
 from rlhf.kafka_local import free_port  # noqa: E402
 from rlhf.models import build_tiny, load_policy  # noqa: E402
+from services.demo import scrape  # noqa: E402
 from services.policy.config import parse_cpus  # noqa: E402
 from services.policy.engines import cpu_list, pin_threads  # noqa: E402
 
@@ -177,22 +176,23 @@ def pin(cpus: list[int]) -> None:
 
 def batch_rows(metrics_port: int) -> tuple[float, float]:
     """(sum, count) of the server's ``rlhf_policy_batch_size`` histogram: decode rows per
-    forward pass of its native engine."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as r:
-        text = r.read().decode()
-    found = dict(re.findall(r"^rlhf_policy_batch_size_(sum|count) (\S+)$", text, re.M))
-    return float(found.get("sum", 0.0)), float(found.get("count", 0.0))
+    forward pass of its native engine (0s when its /metrics cannot be read)."""
+    return (
+        scrape(metrics_port, "rlhf_policy_batch_size_sum"),
+        scrape(metrics_port, "rlhf_policy_batch_size_count"),
+    )
 
 
 def with_rows(metrics_port: int, run: Callable[[Settings, bool], Run]) -> Callable[..., Run]:
     """``run``, its Run also carrying the engine's mean decode rows per step while it ran:
-    how full the engine kept its batch (static batching's is its batch size)."""
+    how full the engine kept its batch (static batching's is its batch size). The server has
+    stepped before (its readiness check), so a count of 0 means the scrape failed."""
 
     def measured(s: Settings, stream: bool) -> Run:
         rows_before, steps_before = batch_rows(metrics_port)
         result = run(s, stream)
         rows, steps = batch_rows(metrics_port)
-        if steps > steps_before:
+        if steps_before and steps > steps_before:
             result.rows = (rows - rows_before) / (steps - steps_before)
         return result
 
