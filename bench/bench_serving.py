@@ -37,8 +37,8 @@ tokens/s, p50 and p99 request latency and TTFT, for the native engine's rows how
 rows its forward passes averaged (``rows``, from the server's ``rlhf_policy_batch_size``
 histogram: how full the clients kept its batch; a static batch always has its N), and the
 ratios the goal is stated in (engine c32 against static b32 and against vLLM's server). On
-CUDA it also reports the memory-bandwidth bound of single-stream decoding. The last line printed is one JSON object:
-{"bench": "serving", ...}.
+CUDA it also reports the memory-bandwidth bound of single-stream decoding. The last line
+printed is one JSON object: {"bench": "serving", ...}.
 """
 
 from __future__ import annotations
