@@ -183,7 +183,9 @@ def batch_rows(metrics_port: int) -> tuple[float, float]:
     )
 
 
-def with_rows(metrics_port: int, run: Callable[[Settings, bool], Run]) -> Callable[..., Run]:
+def with_rows(
+    metrics_port: int, run: Callable[[Settings, bool], Run]
+) -> Callable[[Settings, bool], Run]:
     """``run``, its Run also carrying the engine's mean decode rows per step while it ran:
     how full the engine kept its batch (static batching's is its batch size). The server has
     stepped before (its readiness check), so a count of 0 means the scrape failed."""

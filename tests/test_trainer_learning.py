@@ -13,8 +13,9 @@ split) are never trained on; their comparisons and prompts measure the result:
   prompts by the hidden preference (the paper's win rate, judged by what the trainer never
   sees) beyond chance: the 95% Wilson interval's lower end above 0.5 (the point estimate
   moves with the machine's floating-point kernels: 0.91 on one machine, 0.65 on another,
-  with the same code, seed and lock file); the round passed its own win-rate gate (by the RM, on val prompts);
-  KL to the SFT policy stays under the budget and the pretraining loss within tolerance.
+  with the same code, seed and lock file); the round passed its own win-rate gate (by the
+  RM, on val prompts); KL to the SFT policy stays under the budget and the pretraining loss
+  within tolerance.
 
 PPO-ptx runs with gamma_ptx = 1: at the paper's 27.8 the pretraining term outweighs the RL
 term on this tiny model, the policy's val reward drops and the reward gate holds the round back.
