@@ -65,7 +65,8 @@ class EngineConfig:
     cpus: str = option(
         "",
         "CPUs the engine computes on, a list like 3 or 2-7,12 (native in its worker process: "
-        "the worker is pinned to them and the server's own threads to the other CPUs; native "
+        "its step thread is pinned to them, the server's threads and the worker's pipe reader "
+        "to the other CPUs; native "
         "in the server's process: the whole process; vllm CPU builds: its OpenMP threads, "
         "VLLM_CPU_OMP_THREADS_BIND). Empty: the OS places every thread",
     )
