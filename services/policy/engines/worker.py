@@ -466,10 +466,12 @@ def main(argv: list[str] | None = None) -> int:
     # Ctrl-C or a SIGTERM sent to the whole process group must not cut its requests short.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    born = os.sched_getaffinity(0) if settings["cpus"] else set()  # the server's own CPUs
-    if settings["cpus"]:
+    cpus = set(settings["cpus"])
+    # The CPUs this process was started on (the server's own) less the engine's.
+    rest = os.sched_getaffinity(0) - cpus if cpus else set()
+    if cpus:
         # Before torch starts a thread: every thread started from here computes on these CPUs.
-        os.sched_setaffinity(0, settings["cpus"])
+        os.sched_setaffinity(0, cpus)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s engine-worker %(name)s: %(message)s"
     )
@@ -478,11 +480,11 @@ def main(argv: list[str] | None = None) -> int:
     if settings["torch_threads"]:
         torch.set_num_threads(settings["torch_threads"])
     worker = _Worker(Connection(fd), settings["engine"])
-    if born - set(settings["cpus"]):
+    if rest:
         # The engine's thread keeps its CPUs to itself: this one reads the pipe, and woken
         # there by every request it would take the CPU from a step each time. The threads of
         # its calls (load, warm-up) start here and run where it runs.
-        os.sched_setaffinity(0, born - set(settings["cpus"]))
+        os.sched_setaffinity(0, rest)
     worker.serve()
     return 0
 
